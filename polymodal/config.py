@@ -1,0 +1,51 @@
+"""Typed configs: dataclass schemas filled from YAML files and `key=value` overrides (OmegaConf).
+
+An unknown key or a value of the wrong type is a `ConfigError` naming the key, never a silent default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from polymodal.data.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    message = str(exc).splitlines()[0]
+    return f"config key {key!r}: {message}" if key else f"config: {message}"
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                section: str | None = None) -> T:
+    """Build `schema` from the YAML at `path` (its `section` if given) and `key=value` overrides.
+
+    Returns a plain dataclass instance (OmegaConf.to_object), so the rest of the code sees ordinary Python.
+    """
+    try:
+        merged = OmegaConf.structured(schema)
+        if path is not None:
+            loaded = OmegaConf.load(path)
+            if section is not None:
+                loaded = loaded.get(section, {})
+            merged = OmegaConf.merge(merged, loaded)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {exc.filename}") from None
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

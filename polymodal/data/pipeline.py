@@ -1,0 +1,260 @@
+"""The reading pipeline: shards -> decoded, augmented, batched samples, with a resumable position.
+
+    loader = ShardLoader(DataConfig(shards=["data/{0..9}.tar"], modalities=["rgb", "caption"]))
+    for batch in loader:          # dict: "rgb" uint8 [B,3,H,W], "caption" list[str], "__key__" list[str]
+        ...
+    state = loader.state_dict()   # JSON-serialisable; save it with the checkpoint
+    loader.load_state_dict(state) # in a fresh process: continues with exactly the batches that came next
+
+Work is split explicitly: rank r of R with W loader workers is global worker r*W + w of R*W. In epoch mode
+each global worker reads its own shards; in resampled mode each draws shards with its own seed. Batches are
+built inside the workers and carry the worker's position; the loader keeps the position of the last batch
+it handed out from each worker (not of batches still prefetched), so a saved state never skips data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from polymodal import modalities
+from polymodal.data.collate import collate
+from polymodal.data.config import DataConfig
+from polymodal.data.errors import ConfigError, SampleSkipped, SkipCounter, summarize
+from polymodal.data.shardlist import expand_shards, missing_local
+from polymodal.data.stream import WorkerStream, augment_rng
+from polymodal.data.tar_samples import RawSample, skip_reason
+from polymodal.data.transforms import ImageTransform
+from polymodal.distributed import Placement, placement
+
+log = logging.getLogger("polymodal.data")
+
+STATE_VERSION = 1
+Tokenizer = Callable[[str], Any]
+
+
+class SampleDecoder:
+    """Raw sample (extension -> bytes) to a training sample (modality -> value), through the registry."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None):
+        self.wanted = [(modalities.get(n), True) for n in cfg.modalities]
+        self.wanted += [(modalities.get(n), False) for n in cfg.optional_modalities]
+        self.max_pixels = cfg.max_image_pixels
+        self.transform = ImageTransform(size=cfg.image_size, train=cfg.augment, scale=tuple(cfg.crop_scale),
+                                        ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip, fast_decode=cfg.fast_decode)
+        self.tokenizer = tokenizer
+
+    def __call__(self, raw: RawSample, rng) -> dict[str, Any]:
+        sample: dict[str, Any] = {"__key__": raw["__key__"]}
+        images = {}
+        for modality, required in self.wanted:
+            ext = modality.find(raw)
+            if ext is None:
+                if required:
+                    raise SampleSkipped("missing_modality", f"no {modality.name} member "
+                                        f"(looked for .{', .'.join(modality.extensions)})")
+                continue
+            value = modality.decode(raw[ext], ext, self.max_pixels)
+            if modality.geometry:
+                images[modality.name] = (modality, value)
+            elif isinstance(value, str) and self.tokenizer is not None:
+                sample[modality.name] = torch.as_tensor(self.tokenizer(value))
+            else:
+                sample[modality.name] = modality.to_tensor(value) if modality.to_tensor else value
+        sample.update(self.transform(images, rng))
+        return sample
+
+
+def _worker_identity(offset: int) -> tuple[int, int]:
+    """(logical worker id, workers per rank). Physical worker i plays logical (i + offset) % W."""
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    return (info.id + offset) % info.num_workers, info.num_workers
+
+
+class ShardDataset(IterableDataset):
+    """What runs inside each loader worker; configured by ShardLoader before every `iter()`."""
+
+    def __init__(self, cfg: DataConfig, urls: list[str], where: Placement, tokenizer: Tokenizer | None):
+        super().__init__()
+        self.cfg, self.urls, self.where = cfg, urls, where
+        self.decoder = SampleDecoder(cfg, tokenizer)
+        self.epoch = 0
+        self.worker_offset = 0
+        self.resume: dict[int, dict] = {}
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.cfg
+        logical, per_rank = _worker_identity(self.worker_offset)
+        worker = self.where.rank * per_rank + logical
+        total = self.where.world_size * per_rank
+        saved = self.resume.get(logical)
+        counter = SkipCounter(where=f"rank {self.where.rank} worker {logical}")
+        stream = WorkerStream(self.urls, seed=cfg.seed, epoch=self.epoch, worker=worker, total_workers=total,
+                              resampled=cfg.resampled, shuffle_shards=cfg.shuffle_shards,
+                              buffer_size=cfg.shuffle_buffer, buffer_initial=cfg.shuffle_initial,
+                              counter=counter, allow_pipe=cfg.allow_pipe)
+        if saved is not None:
+            if saved.get("done"):
+                return
+            counter.load(saved["skips"])
+            stream.restore(saved["stream"])
+
+        def emit(samples: list[dict], done: bool = False) -> dict:
+            batch = collate(samples)
+            batch["__state__"] = {"worker": logical, "state": {
+                "stream": stream.state(), "skips": counter.as_dict(), "done": done}}
+            return batch
+
+        pending: list[dict] = []
+        for pos, idx, raw in stream:
+            try:
+                pending.append(self.decoder(raw, augment_rng(cfg.seed, self.epoch, worker, pos, idx)))
+            except Exception as exc:  # one bad sample never stops the run
+                skip = skip_reason(exc)
+                counter.add(skip.reason, f"{raw['__url__']} key {raw['__key__']}: {skip.detail}")
+                continue
+            if len(pending) == cfg.batch_size:
+                yield emit(pending)
+                pending = []
+        if pending and not cfg.drop_last:
+            yield emit(pending, done=True)
+        else:
+            # No batch left, but the end of this worker's epoch and its skip counts must still reach the loader.
+            yield {"__state__": {"worker": logical, "state": {
+                "stream": stream.state(), "skips": counter.as_dict(), "done": True}}}
+
+
+def check_config(cfg: DataConfig, urls: list[str], where: Placement) -> int:
+    """Validate at start; returns the number of loader workers per rank to use. Raises ConfigError."""
+    for name in [*cfg.modalities, *cfg.optional_modalities]:
+        modalities.get(name)
+    if not cfg.modalities:
+        raise ConfigError("data.modalities is empty: name at least one modality, e.g. data.modalities=[rgb,caption]")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be 0 or more, got {cfg.num_workers}")
+    missing = missing_local(urls)
+    if missing:
+        log.warning("%d of %d shards do not exist (first: %s); they will be skipped and counted",
+                    len(missing), len(urls), missing[0])
+    workers = cfg.num_workers
+    if not cfg.resampled:
+        if len(urls) < where.world_size:
+            raise ConfigError(
+                f"{len(urls)} shards cannot feed {where.world_size} ranks in epoch mode (each rank needs at least "
+                "one shard): write more, smaller shards (polymodal data shards --samples-per-shard N), or set "
+                "data.resampled=true")
+        per_rank = len(urls) // where.world_size
+        if max(workers, 1) > per_rank:
+            log.warning("%d shards for %d ranks x %d workers in epoch mode: using %d workers per rank so none "
+                        "sits idle (more shards, or data.resampled=true, would allow more)",
+                        len(urls), where.world_size, workers, per_rank)
+            workers = min(workers, per_rank)
+    return workers
+
+
+class ShardLoader:
+    """Iterate batches from shards; `state_dict()` / `load_state_dict()` save and restore the exact position.
+
+    Iterating again after a `break` continues where the last handed-out batch left off. In epoch mode a
+    completed pass moves to the next epoch; `set_epoch` picks one explicitly.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, where: Placement | None = None):
+        self.cfg = cfg
+        self.where = where or placement()
+        self.urls = expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe)
+        self.num_workers = check_config(cfg, self.urls, self.where)
+        self.dataset = ShardDataset(cfg, self.urls, self.where, tokenizer)
+        self.epoch = 0
+        self._states: dict[int, dict] = {}
+        self._next_worker = 0
+        self._skips_before_epoch: dict[str, int] = {}
+        self._last_log = 0.0
+        self._logged_total = 0
+
+    # -- iteration ------------------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._states, self._next_worker = epoch, {}, 0
+
+    def _dataloader(self) -> DataLoader:
+        self.dataset.epoch = self.epoch
+        self.dataset.resume = dict(self._states)
+        self.dataset.worker_offset = self._next_worker
+        workers = self.num_workers
+        return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.cfg.pin_memory,
+                          prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                          persistent_workers=False)
+
+    def __iter__(self) -> Iterator[dict]:
+        per_rank = max(self.num_workers, 1)
+        for batch in self._dataloader():
+            meta = batch.pop("__state__")
+            self._states[meta["worker"]] = meta["state"]
+            self._next_worker = (meta["worker"] + 1) % per_rank
+            self._maybe_log()
+            if len(batch):
+                yield batch
+        self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        self._skips_before_epoch = self.skip_counts()
+        self._log(force=True)
+        self.epoch += 1
+        self._states, self._next_worker = {}, 0
+
+    # -- skipped-sample accounting ----------------------------------------------------------------------------
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples, members and shards skipped so far on this rank, by reason (all epochs)."""
+        total = dict(self._skips_before_epoch)
+        for state in self._states.values():
+            for reason, n in state["skips"].items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def _maybe_log(self) -> None:
+        if time.monotonic() - self._last_log > 30:
+            self._log()
+
+    def _log(self, force: bool = False) -> None:
+        counts = self.skip_counts()
+        total = sum(counts.values())
+        if total != self._logged_total or (force and total):
+            log.warning("data (rank %d): %s", self.where.rank, summarize(counts))
+            self._logged_total = total
+        self._last_log = time.monotonic()
+
+    # -- position -------------------------------------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        return {"rank": self.where.rank, "world_size": self.where.world_size, "num_workers": self.num_workers,
+                "seed": self.cfg.seed, "resampled": self.cfg.resampled, "num_shards": len(self.urls)}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch,
+                "next_worker": self._next_worker, "skips_before_epoch": dict(self._skips_before_epoch),
+                "workers": {str(k): v for k, v in self._states.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self._identity()
+        different = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if different:
+            what = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in different.items())
+            raise ConfigError(f"cannot resume the data position: {what}. Resume with the same ranks, workers, seed "
+                              "and shards, or start the data stream afresh")
+        self.epoch = state["epoch"]
+        self._next_worker = state["next_worker"]
+        self._skips_before_epoch = dict(state["skips_before_epoch"])
+        self._states = {int(k): v for k, v in state["workers"].items()}

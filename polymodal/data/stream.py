@@ -1,0 +1,127 @@
+"""One loader worker's sample stream: its shards in order, a shuffle buffer, and an exact saved position.
+
+Every random choice is a pure function of the position in the stream (seed, epoch, worker, shard position,
+sample index, pick number), so the stream's whole state is a few integers plus the list of buffered sample
+positions. Restoring re-reads the shards those positions point into (bytes only, no decoding) and continues
+with exactly the samples that would have come next.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+from polymodal.data.errors import SkipCounter
+from polymodal.data.tar_samples import RawSample, iter_shard
+
+_WORD = 1 << 32
+
+
+def seeded(*parts: int) -> random.Random:
+    """An RNG determined by a tuple of small integers (each below 2**32)."""
+    value = 0
+    for part in parts:
+        value = value * _WORD + (part % _WORD)
+    return random.Random(value)
+
+
+# Salts keep the different uses of (seed, ...) apart.
+_SHARD_ORDER, _SHARD_DRAW, _PICK, _AUGMENT = 1, 2, 3, 4
+
+
+def epoch_shards(urls: list[str], seed: int, epoch: int, shuffle: bool, worker: int, total: int) -> list[str]:
+    """Epoch mode: the whole list is shuffled the same way on every rank, then dealt round-robin."""
+    order = list(urls)
+    if shuffle:
+        seeded(_SHARD_ORDER, seed, epoch).shuffle(order)
+    return order[worker::total]
+
+
+def augment_rng(seed: int, epoch: int, worker: int, pos: int, index: int) -> random.Random:
+    return seeded(_AUGMENT, seed, epoch, worker, pos, index)
+
+
+class WorkerStream:
+    """Raw samples for one (rank, worker) in one epoch, with `state()` valid between any two samples.
+
+    resampled=False: the worker's share of the epoch's shards, once each. resampled=True: an endless series of
+    shards drawn with replacement. Positions: `cursor` is the index of the shard being read in that series,
+    `read` the number of sample slots of it consumed, `buffer` the (shard position, sample index) pairs held.
+    """
+
+    def __init__(self, urls: list[str], *, seed: int, epoch: int, worker: int, total_workers: int,
+                 resampled: bool, shuffle_shards: bool, buffer_size: int, buffer_initial: int,
+                 counter: SkipCounter, allow_pipe: bool = False):
+        self.urls = urls
+        self.seed, self.epoch, self.worker = seed, epoch, worker
+        self.resampled = resampled
+        self.mine = None if resampled else epoch_shards(urls, seed, epoch, shuffle_shards, worker, total_workers)
+        self.buffer_size = max(0, buffer_size)
+        self.buffer_initial = max(1, min(buffer_initial, self.buffer_size or 1))
+        self.counter = counter
+        self.allow_pipe = allow_pipe
+        self.cursor = 0
+        self.read = 0
+        self.picks = 0
+        self.buffer: list[tuple[int, int, RawSample]] = []
+
+    def shard_at(self, pos: int) -> str | None:
+        if self.resampled:
+            return self.urls[seeded(_SHARD_DRAW, self.seed, self.worker, pos).randrange(len(self.urls))]
+        return self.mine[pos] if pos < len(self.mine) else None
+
+    # -- position -------------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"cursor": self.cursor, "read": self.read, "picks": self.picks,
+                "buffer": [[pos, idx] for pos, idx, _ in self.buffer]}
+
+    def restore(self, state: dict) -> None:
+        """Re-read what the saved buffer held and move to the saved cursor (no decoding, no double counting)."""
+        self.cursor, self.read, self.picks = state["cursor"], state["read"], state["picks"]
+        wanted: dict[int, set[int]] = {}
+        for pos, idx in state["buffer"]:
+            wanted.setdefault(pos, set()).add(idx)
+        found: dict[tuple[int, int], RawSample] = {}
+        for pos, indices in sorted(wanted.items()):
+            last = max(indices)
+            for idx, raw in iter_shard(self.shard_at(pos), None, self.allow_pipe):
+                if idx in indices:
+                    found[(pos, idx)] = raw
+                if idx >= last:
+                    break
+        # A sample that cannot be found again (the shard changed on disk) is dropped rather than invented.
+        self.buffer = [(pos, idx, found[(pos, idx)]) for pos, idx in state["buffer"] if (pos, idx) in found]
+
+    # -- iteration ------------------------------------------------------------------------------------------
+
+    def _pick(self) -> tuple[int, int, RawSample]:
+        j = seeded(_PICK, self.seed, self.epoch, self.worker, self.picks).randrange(len(self.buffer))
+        self.picks += 1
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        return self.buffer.pop()
+
+    def _threshold(self) -> int:
+        """Buffer fill at which one sample is handed out: starts small, grows to buffer_size (fast first batch)."""
+        return min(self.buffer_size, self.buffer_initial + self.picks)
+
+    def __iter__(self) -> Iterator[tuple[int, int, RawSample]]:
+        while True:
+            url = self.shard_at(self.cursor)
+            if url is None:
+                break
+            skip = self.read
+            for idx, raw in iter_shard(url, self.counter, self.allow_pipe, count_from=skip):
+                if idx < skip:
+                    continue
+                self.read = idx + 1
+                if self.buffer_size == 0:
+                    yield self.cursor, idx, raw
+                    continue
+                self.buffer.append((self.cursor, idx, raw))
+                if len(self.buffer) >= self._threshold():
+                    yield self._pick()
+            self.cursor += 1
+            self.read = 0
+        while self.buffer:
+            yield self._pick()

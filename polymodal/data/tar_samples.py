@@ -1,0 +1,122 @@
+"""Reading one shard: tar members grouped into samples, each with its position in the shard.
+
+Written here rather than taken from webdataset's `tarfile_to_samples` because the reader needs three things it
+does not give: the index of every sample inside its shard (the resume cursor), a reason for every skip
+(truncated tar, duplicate key, forbidden member...) instead of one exception type, and a replay mode that
+walks a shard again without counting its errors twice. The tar parsing itself is the standard `tarfile`.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+import zlib
+from typing import Iterator
+
+from polymodal.data.errors import SampleSkipped, SkipCounter
+from polymodal.data.shardlist import open_shard
+from polymodal.modalities import is_forbidden
+
+# webdataset's convention: the key is the member path up to the first dot of its file name.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
+
+RawSample = dict  # {"__key__": str, "__url__": str, extension: bytes, ...}
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    match = _KEY_EXT.match(name)
+    if not match:
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+    for info in tar:
+        if not info.isfile():
+            continue
+        handle = tar.extractfile(info)
+        yield info.name, handle.read() if handle is not None else b""
+
+
+def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
+               count_from: int = 0) -> Iterator[tuple[int, RawSample]]:
+    """Yield (index, sample) for each well-formed sample of the shard at `url`.
+
+    `index` numbers every group of same-key members in file order, including groups that are then skipped,
+    so it is a stable position. Skips at sample index >= `count_from` are counted on `counter`; a resumed
+    reader passes its cursor so skips it counted before the save are not counted twice (None: count nothing).
+    Never raises for bad content.
+    """
+
+    def count(reason: str, detail: str, slot: int = 0) -> None:
+        if counter is not None and slot >= count_from:
+            counter.add(reason, detail)
+
+    try:
+        stream = open_shard(url, allow_pipe)
+    except (OSError, ValueError) as exc:
+        count("missing_shard", f"{url}: {exc}")
+        return
+    index = 0
+    key = None
+    group: RawSample = {}
+    broken = False
+    seen: set[str] = set()
+    members_read = 0
+
+    def finish():
+        """The group collected so far, or None when it must be skipped."""
+        if key is None:
+            return None
+        if broken or key in seen:
+            count("duplicate_key", f"{url}: key {key!r} repeated", index)
+            return None
+        seen.add(key)
+        return group
+
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for name, data in _members(tar):
+                members_read += 1
+                parts = split_member_name(name)
+                if parts is None:
+                    continue
+                member_key, ext = parts
+                if is_forbidden(ext):
+                    slot = index + 1 if key is not None and member_key != key else index
+                    count("forbidden_member", f"{url}: {name} (never unpickled)", slot)
+                    continue
+                if member_key != key:
+                    done = finish()
+                    if key is not None:
+                        if done is not None:
+                            yield index, done
+                        index += 1
+                    key, group, broken = member_key, {"__key__": member_key, "__url__": url}, False
+                if ext in group:
+                    broken = True
+                group[ext] = data
+            done = finish()
+            if done is not None:
+                yield index, done
+            if members_read == 0:
+                count("empty_shard", f"{url}: no members")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        if members_read == 0:
+            reason = "empty_shard" if "empty" in str(exc).lower() else "corrupt_shard"
+            count(reason, f"{url}: {exc}")
+        else:
+            count("truncated_shard", f"{url}: {exc} after {members_read} members; the sample in progress is dropped",
+                  index)
+    finally:
+        try:
+            stream.close()
+        except Exception:
+            pass
+
+
+def skip_reason(exc: BaseException) -> SampleSkipped:
+    """Map an unexpected exception from a transform or tokenizer to a counted skip."""
+    if isinstance(exc, SampleSkipped):
+        return exc
+    return SampleSkipped("transform_failed", f"{type(exc).__name__}: {exc}")

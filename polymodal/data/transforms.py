@@ -1,0 +1,124 @@
+"""Aligned geometric transforms for the image-like modalities of one sample.
+
+One crop box and one flip are drawn per sample, in coordinates relative to the image, and applied to every
+image-like modality (RGB, depth, edges, semseg...), each resized with its own interpolation, so they stay
+aligned even when stored at different resolutions.
+
+Why not torchvision's RandomResizedCrop: it draws from torch's global RNG, and a resumed run must replay
+exactly the same crops. Here the draw comes from a per-sample `random.Random`, seeded from the sample's place
+in the stream, so augmentation is a pure function of (seed, epoch, position) and needs no saved RNG state.
+The crop is also done in the same call as the resize (`Image.resize(box=...)`), and JPEGs are decoded at a
+reduced scale (`Image.draft`) when the crop is much larger than the output, which is where most of the speed
+over a decode-then-crop pipeline comes from.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image
+
+from polymodal.modalities import Modality, load_pixels
+
+RelBox = tuple[float, float, float, float]  # left, top, right, bottom as fractions of width/height
+
+
+def random_resized_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       rng: random.Random) -> RelBox:
+    """RandomResizedCrop's box (same algorithm as torchvision: 10 tries, then a centre fallback)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = rng.randint(0, width - crop_w)
+            top = rng.randint(0, height - crop_h)
+            return left / width, top / height, (left + crop_w) / width, (top + crop_h) / height
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        crop_w, crop_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_w, crop_h = int(round(height * max(ratio))), height
+    else:
+        crop_w, crop_h = width, height
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return left / width, top / height, (left + crop_w) / width, (top + crop_h) / height
+
+
+def center_box(width: int, height: int, out_w: int, out_h: int) -> RelBox:
+    """The box that Resize(shorter side) + CenterCrop picks, as one crop-and-resize."""
+    scale = max(out_w / width, out_h / height)
+    crop_w, crop_h = out_w / scale, out_h / scale
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+    return left / width, top / height, (left + crop_w) / width, (top + crop_h) / height
+
+
+def crop_resize(img: Image.Image, box: RelBox, size: tuple[int, int], resample: Image.Resampling,
+                flip: bool, fast_decode: bool = True) -> Image.Image:
+    """Crop `box` out of `img` (not yet decoded) and resize it to `size` in one pass."""
+    width, height = img.size
+    px_box = [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+    if fast_decode and img.format == "JPEG" and img.mode in ("RGB", "L"):
+        reduce = min((px_box[2] - px_box[0]) / size[0], (px_box[3] - px_box[1]) / size[1])
+        if reduce >= 2:
+            # Ask libjpeg to decode at 1/2, 1/4 or 1/8 scale; the crop still has at least `size` pixels.
+            img.draft(img.mode, (math.ceil(width / reduce), math.ceil(height / reduce)))
+            sx, sy = img.size[0] / width, img.size[1] / height
+            px_box = [px_box[0] * sx, px_box[1] * sy, px_box[2] * sx, px_box[3] * sy]
+    load_pixels(img)
+    if img.mode in ("P", "1", "PA", "CMYK", "I;16", "YCbCr", "LAB", "HSV") and resample != Image.Resampling.NEAREST:
+        # Pillow resizes palette images with NEAREST whatever is asked, and cannot resize some modes at all.
+        img = img.convert("RGBA" if img.mode in ("P", "PA") and _transparent(img) else
+                          ("I" if img.mode == "I;16" else "RGB"))
+    # reducing_gap: a cheap integer box-reduction first for big downscales (Pillow: visually identical at 3).
+    out = img.resize(size, resample, box=tuple(px_box), reducing_gap=3.0)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def _transparent(img: Image.Image) -> bool:
+    return img.mode == "PA" or "transparency" in img.info
+
+
+@dataclass
+class ImageTransform:
+    """The default transform of the image-like modalities.
+
+    size: output side in pixels (square), or None to keep images as decoded (no crop, no resize).
+    train: RandomResizedCrop(scale, ratio) + horizontal flip with probability `hflip`;
+           otherwise resize the shorter side and centre-crop.
+    fast_decode: decode JPEGs at reduced scale when the crop is at least twice the output size.
+    """
+
+    size: int | None = 224
+    train: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    fast_decode: bool = True
+
+    def __call__(self, images: dict[str, tuple[Modality, Image.Image]], rng: random.Random) -> dict:
+        """Transform the image-like entries of one sample together; returns modality name -> tensor."""
+        if not images:
+            return {}
+        out = {}
+        if self.size is None:
+            for name, (modality, img) in images.items():
+                out[name] = modality.to_tensor(load_pixels(img))
+            return out
+        first = next(iter(images.values()))[1]
+        width, height = first.size
+        if self.train:
+            box = random_resized_box(width, height, self.scale, self.ratio, rng)
+            flip = rng.random() < self.hflip
+        else:
+            box = center_box(width, height, self.size, self.size)
+            flip = False
+        for name, (modality, img) in images.items():
+            resized = crop_resize(img, box, (self.size, self.size), modality.resample, flip, self.fast_decode)
+            out[name] = modality.to_tensor(resized)
+        return out

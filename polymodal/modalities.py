@@ -1,0 +1,201 @@
+"""The modality registry: for each modality, where it lives in a shard and how it becomes a tensor.
+
+A sample is a dict keyed by modality name. Each `Modality` says which shard extensions hold it, how its bytes
+are decoded, and how its default train/eval transform treats it. Image-like modalities (`geometry=True`) share
+one crop and flip per sample (see `polymodal.data.transforms`), so an RGB image and its depth map stay aligned.
+
+Adding a modality is one `register(Modality(...))` call; nothing else needs to change.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polymodal.data.errors import ConfigError, SampleSkipped
+
+# Pillow's own default (about 89 megapixels); images above it are skipped as decompression bombs.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+# Members with these extensions could carry pickled code; they are never decoded, only rejected and counted.
+FORBIDDEN_EXTENSIONS = frozenset({"pth", "pt", "pyd", "pickle", "pkl", "ckpt"})
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def is_forbidden(extension: str) -> bool:
+    return extension.rsplit(".", 1)[-1].lower() in FORBIDDEN_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoders: bytes -> python object. They raise SampleSkipped with a reason; nothing else escapes.
+
+
+def open_image(data: bytes, extension: str = "", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Parse the image header only (no pixel decode yet), refusing empty, unreadable and oversized images.
+
+    Pixels are decoded later by the transform, which can then ask the JPEG decoder for a reduced size.
+    """
+    if not data:
+        raise SampleSkipped("empty_member", "zero-byte image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise SampleSkipped("image_too_large", str(exc)) from None
+    except Exception as exc:  # Pillow raises several types for unreadable bytes
+        raise SampleSkipped("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise SampleSkipped("image_too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+    return img
+
+
+def load_pixels(img: Image.Image) -> Image.Image:
+    try:
+        img.load()
+    except Exception as exc:
+        raise SampleSkipped("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+    return img
+
+
+def decode_text(data: bytes, extension: str = "", max_pixels: int = 0) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise SampleSkipped("bad_text", str(exc)) from None
+
+
+def decode_label(data: bytes, extension: str = "", max_pixels: int = 0) -> int:
+    try:
+        return int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise SampleSkipped("bad_label", f"label bytes {data[:20]!r} are not an integer") from None
+
+
+def decode_npy(data: bytes, extension: str = "", max_pixels: int = 0) -> np.ndarray:
+    if not data:
+        raise SampleSkipped("empty_member", "zero-byte array")
+    try:
+        # allow_pickle=False: object arrays would unpickle shard content.
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise SampleSkipped("bad_array", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_dense(data: bytes, extension: str = "", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A dense map as a PIL image: 8/16-bit PNG as is, a 2-D .npy as a float32 ('F') image."""
+    if extension.endswith("npy"):
+        array = decode_npy(data)
+        if array.ndim != 2:
+            raise SampleSkipped("bad_array", f"dense map must be 2-D, got shape {array.shape}")
+        return Image.fromarray(array.astype(np.float32), mode="F")
+    return open_image(data, extension, max_pixels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensor conversion after the geometric transform.
+
+
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with transparent areas composited over white (plain convert('RGB') leaves arbitrary colours there)."""
+    if img.mode == "RGB":
+        return img
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def rgb_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 [3, H, W]; batches stay uint8 until the model normalises them on its device."""
+    array = np.array(to_rgb(img))  # a writable copy: np.asarray of a PIL image is read-only
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def map_tensor(img: Image.Image) -> torch.Tensor:
+    """[1, H, W]: uint8 for 8-bit maps, float32 for 16-bit and float maps."""
+    array = np.array(img)
+    if array.dtype != np.uint8:
+        array = array.astype(np.float32)
+    return torch.from_numpy(array)[None]
+
+
+def label_map_tensor(img: Image.Image) -> torch.Tensor:
+    """int64 [H, W] class indices (palette images keep their indices)."""
+    return torch.from_numpy(np.array(img, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry.
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality. `extensions` are tried in order; the first is what the shard writer uses.
+
+    `decode(data, extension, max_pixels)` turns a member's bytes into a python object or raises SampleSkipped.
+    """
+
+    name: str
+    extensions: tuple[str, ...]
+    decode: Callable[..., Any]
+    description: str
+    # Image-like modalities share one crop/flip per sample; `resample` is how this one is resized.
+    geometry: bool = False
+    resample: Image.Resampling = Image.Resampling.BICUBIC
+    to_tensor: Callable[[Any], Any] | None = None
+
+    def find(self, sample: dict) -> str | None:
+        """The member extension in `sample` that holds this modality, or None."""
+        for ext in self.extensions:
+            if ext in sample:
+                return ext
+        return None
+
+
+_REGISTRY: dict[str, Modality] = {}
+
+
+def register(modality: Modality) -> Modality:
+    if modality.name in _REGISTRY:
+        raise ValueError(f"modality {modality.name!r} is already registered")
+    _REGISTRY[modality.name] = modality
+    return modality
+
+
+def get(name: str) -> Modality:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown modality {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+register(Modality("rgb", IMAGE_EXTENSIONS, open_image, "colour image (JPEG/PNG/WebP) -> uint8 [3,H,W]",
+                  geometry=True, to_tensor=rgb_tensor))
+register(Modality("caption", ("txt",), decode_text, "UTF-8 text -> str (or token ids through a tokenizer)"))
+register(Modality("label", ("cls",), decode_label, "integer class label -> int64"))
+for _name, _what, _resample, _tensor in (
+    ("depth", "depth map", Image.Resampling.BILINEAR, map_tensor),
+    ("edges", "edge map", Image.Resampling.BILINEAR, map_tensor),
+    ("semseg", "semantic segmentation (class index per pixel)", Image.Resampling.NEAREST, label_map_tensor),
+):
+    register(Modality(_name, (f"{_name}.png", f"{_name}.npy"), decode_dense,
+                      f"{_what}, 8/16-bit PNG or 2-D .npy -> [1,H,W]" if _name != "semseg" else
+                      f"{_what}, 8-bit PNG or 2-D .npy -> int64 [H,W]",
+                      geometry=True, resample=_resample, to_tensor=_tensor))
+register(Modality("array", ("npy",), decode_npy, "any numeric .npy array (never unpickled) -> tensor",
+                  to_tensor=torch.from_numpy))
