@@ -9,6 +9,7 @@ complete shard and redoes only the partial one. Shard bytes are reproducible: fi
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -52,6 +53,7 @@ class WriterOptions:
     image_format: str = "keep"  # keep | jpg | png | webp
     quality: int = 95
     workers: int = 1
+    compress: bool = False  # gzip each shard ({i}.tar.gz)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -127,12 +129,18 @@ def _member_size(n: int) -> int:
 
 
 class ShardFile:
-    """One shard being written: `{i}.tar.tmp`, renamed to `{i}.tar` by `close()`."""
+    """One shard being written: `{i}.tar.tmp`, renamed to `{i}.tar` by `close()`.
 
-    def __init__(self, path: Path):
+    `compress` gzips the whole tar (`{i}.tar.gz`): tar headers and padding are most of a shard of small
+    images, and the reader streams .tar.gz like .tar. The gzip header gets mtime 0 so bytes are reproducible.
+    """
+
+    def __init__(self, path: Path, compress: bool = False):
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.file = open(self.tmp, "wb")
+        self.gzip = gzip.GzipFile(filename="", mode="wb", fileobj=self.file, mtime=0) if compress else None
+        self.tar = tarfile.open(fileobj=self.gzip or self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
         self.bytes = 1024  # end-of-archive blocks
 
@@ -147,6 +155,9 @@ class ShardFile:
 
     def close(self) -> int:
         self.tar.close()
+        if self.gzip is not None:
+            self.gzip.close()
+        self.file.close()
         size = self.tmp.stat().st_size
         os.replace(self.tmp, self.path)
         return size
@@ -199,7 +210,7 @@ def _clear_outputs(shard_dir: Path, keep: set[str]) -> None:
     for file in shard_dir.iterdir():
         if file.name in keep:
             continue
-        if file.name.endswith((".tar", ".tar.tmp")) or file.name in ("stats.json", "nshards.txt", PROGRESS_FILE):
+        if file.name.endswith((".tar", ".tar.gz", ".tmp")) or file.name in ("stats.json", "nshards.txt", PROGRESS_FILE):
             file.unlink()
 
 
@@ -234,7 +245,7 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
     shard_dir = dataset_dir / split if split else dataset_dir
     shard_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(shard_dir, {**asdict(opts), "split": split, **(settings or {}), "workers": None})
-    existing = sorted(p.name for p in shard_dir.glob("*.tar"))
+    existing = sorted(p.name for p in shard_dir.iterdir() if p.name.endswith((".tar", ".tar.gz")))
     kept: list[dict] = []
     if resume:
         kept = progress.load()
@@ -282,7 +293,8 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
                 failures[payload] += 1
                 continue
             if shard is None:
-                shard = ShardFile(shard_dir / f"{shard_no}.tar")
+                suffix = ".tar.gz" if opts.compress else ".tar"
+                shard = ShardFile(shard_dir / f"{shard_no}{suffix}", opts.compress)
                 shard_no += 1
             shard.add(f"{written:09d}", payload)
             written += 1

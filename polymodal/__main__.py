@@ -1,0 +1,3 @@
+from polymodal.cli import main
+import sys
+sys.exit(main())
