@@ -46,6 +46,10 @@ class SampleSkipped(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):
+        # Crosses process boundaries (writer pool, loader workers) with its two fields intact.
+        return SampleSkipped, (self.reason, self.detail)
+
 
 class SkipCounter:
     """Counts skips by reason and logs the first occurrence of each reason with its detail.

@@ -47,14 +47,14 @@ def inspect_shards(spec: str | list[str], decode: bool = True, examples: int = 3
                     report.member_bytes[ext] += len(data)
                     modality = _modality_of(ext)
                     if decode and modality is not None:
-                        found[modality.name] = modality.decode(data, ext, modalities.DEFAULT_MAX_IMAGE_PIXELS)
+                        value = modality.decode(data, ext, modalities.DEFAULT_MAX_IMAGE_PIXELS)
+                        found[modality.name] = modalities.load_pixels(value) if hasattr(value, "mode") else value
             except SampleSkipped as exc:
                 counter.add(exc.reason, f"{url} key {raw['__key__']}: {exc.detail}")
                 continue
             report.samples += 1
             if "rgb" in found:
                 report.image_sizes["x".join(map(str, found["rgb"].size))] += 1
-                modalities.load_pixels(found["rgb"])
             if "label" in found:
                 report.labels[found["label"]] += 1
             if len(report.examples) < examples:

@@ -208,9 +208,9 @@ class ShardLoader:
 
     def _end_epoch(self) -> None:
         self._skips_before_epoch = self.skip_counts()
-        self._log(force=True)
         self.epoch += 1
         self._states, self._next_worker = {}, 0
+        self._log(force=True)
 
     # -- skipped-sample accounting ----------------------------------------------------------------------------
 

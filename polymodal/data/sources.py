@@ -170,6 +170,18 @@ def _pick_field(rows: list[dict], asked: str | None, candidates: tuple[str, ...]
     return next((c for c in candidates if c in rows[0]), None)
 
 
+def _table_classes(rows: list[dict], field: str | None,
+                   classnames: list[str] | None) -> tuple[list[str] | None, dict[str, int] | None]:
+    """Class names and a name -> index map when labels are names; (classnames, None) when they are integers."""
+    if field is None:
+        return classnames, None
+    values = [r[field] for r in rows if r.get(field) is not None]
+    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
+        return classnames, None
+    names = classnames or sorted({str(v) for v in values}, key=natural_key)
+    return names, {name: i for i, name in enumerate(names)}
+
+
 class TableSource(Source):
     """.jsonl / .csv / .parquet rows: an image path (relative to the table), a caption, a label, other fields."""
 
@@ -186,7 +198,7 @@ class TableSource(Source):
         if self.image_field is None and self.caption_field is None and self.template is None:
             raise ConfigError(f"{path}: found neither an image field ({', '.join(IMAGE_FIELDS)}) nor a caption "
                               "field; name them with --image-field / --caption")
-        self.classnames = opts.classnames
+        self.classnames, self.label_index = _table_classes(rows, self.label_field, opts.classnames)
         self.rows = _ordered(rows, opts)
         self.length = len(self.rows)
 
@@ -198,6 +210,13 @@ class TableSource(Source):
                 raise SampleSkipped("missing_modality", f"caption template needs field {exc}") from None
         value = row.get(self.caption_field) if self.caption_field else None
         return None if value is None else str(value)
+
+    def _label(self, value: Any) -> int:
+        if self.label_index is not None:
+            if str(value) not in self.label_index:
+                raise SampleSkipped("bad_label", f"label {value!r} is not among the class names")
+            return self.label_index[str(value)]
+        return int(value)
 
     def records(self) -> Iterator[Record]:
         used = {self.image_field, self.caption_field, self.label_field}
@@ -212,7 +231,7 @@ class TableSource(Source):
                 if caption is not None:
                     record["caption"] = caption
                 if self.label_field and row.get(self.label_field) is not None:
-                    record["label"] = int(row[self.label_field])
+                    record["label"] = self._label(row[self.label_field])
             except SampleSkipped as exc:
                 record["error"] = exc
             except (OSError, KeyError, ValueError) as exc:

@@ -30,12 +30,21 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
-    for info in tar:
-        if not info.isfile():
-            continue
-        handle = tar.extractfile(info)
-        yield info.name, handle.read() if handle is not None else b""
+class _StrictTarInfo(tarfile.TarInfo):
+    """A header that cannot be read after the first one means the file was cut, not that the archive ended.
+
+    Plain `tarfile` treats an empty, short or invalid header after offset 0 as a normal end of archive, which
+    would hide a truncated shard; only the proper end marker (a zero block) ends it here.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_obj):
+        try:
+            return super().fromtarfile(tarfile_obj)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            if tarfile_obj.offset != 0:
+                raise tarfile.ReadError(f"no end-of-archive marker: the file ends inside a header ({exc})") from None
+            raise
 
 
 def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
@@ -75,9 +84,12 @@ def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
         return group
 
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for name, data in _members(tar):
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
                 members_read += 1
+                name = info.name
                 parts = split_member_name(name)
                 if parts is None:
                     continue
@@ -95,7 +107,9 @@ def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
                     key, group, broken = member_key, {"__key__": member_key, "__url__": url}, False
                 if ext in group:
                     broken = True
-                group[ext] = data
+                # Read after the previous sample went out: a cut inside this member loses only this sample.
+                handle = tar.extractfile(info)
+                group[ext] = handle.read() if handle is not None else b""
             done = finish()
             if done is not None:
                 yield index, done

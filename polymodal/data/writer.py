@@ -17,7 +17,8 @@ import multiprocessing
 import os
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -227,6 +228,21 @@ def write_metadata(dataset_dir: Path, shard_dir: Path, source: Source, stats: di
         (dataset_dir / "dataset_type.txt").write_text("retrieval\n")
 
 
+def ordered_map(pool: ProcessPoolExecutor, fn, items: Iterator, in_flight: int) -> Iterator:
+    """pool.map with a bounded queue: results in input order, never more than `in_flight` records in memory.
+
+    Executor.map would read the whole source up front, and multiprocessing.Pool.imap hangs forever when a worker
+    dies; here a dead worker surfaces as BrokenProcessPool.
+    """
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _records_after(source: Source, start: int) -> Iterator[Record]:
     for i, record in enumerate(source.records()):
         if i >= start:
@@ -255,8 +271,9 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
     _clear_outputs(shard_dir, {e["name"] for e in kept})
     progress.start(kept)
 
-    last = kept[-1] if kept else {"records": 0, "samples": 0, "bytes": 0, "failures": {}, "modalities": {}}
-    consumed, written, total_bytes = last["records"], last["samples"], last["bytes"]
+    last = kept[-1] if kept else {"records": 0, "total_samples": 0, "total_bytes": 0, "failures": {},
+                                  "modalities": {}}
+    consumed, written, total_bytes = last["records"], last["total_samples"], last["total_bytes"]
     failures, found = Counter(last["failures"]), Counter(last["modalities"])
     if kept:
         log.info("resuming after %d finished shards (%d records done)", len(kept), consumed)
@@ -269,14 +286,15 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
         total_bytes += size
         progress.append({"name": shard.path.name, "samples": shard.samples, "bytes": size, "records": consumed,
                          "failures": dict(failures), "modalities": dict(found),
-                         "total_samples": written})
+                         "total_samples": written, "total_bytes": total_bytes})
         shard = None
 
     records = _records_after(source, consumed)
     pool = None
     if opts.workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(opts.workers, initializer=_pool_init, initargs=(opts,))
-        results = pool.imap(_encode_in_pool, records, chunksize=16)
+        pool = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_pool_init, initargs=(opts,))
+        results = ordered_map(pool, _encode_in_pool, records, in_flight=opts.workers * 64)
     else:
         _pool_init(opts)
         results = map(_encode_in_pool, records)
@@ -308,7 +326,7 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     stats = {"source": str(settings.get("source")) if settings else None, "samples": written,
              "records_read": consumed, "shards": shard_no, "bytes": total_bytes, "failures": dict(failures),
              "modalities": dict(found), "classes": len(source.classnames) if source.classnames else 0,

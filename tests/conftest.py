@@ -1,0 +1,63 @@
+"""Shared fixtures: paths to the real data in ../shared/data and shards built from it once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not DATA.exists():
+        pytest.fail(f"real test data not found at {DATA} (expected ../shared/data beside the repo)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def emoji_shards(tmp_path_factory, data_root) -> Path:
+    """The emoji pairs as 4 plain shards (source order kept, so keys follow captions.jsonl)."""
+    from polymodal.data.sources import SourceOptions, open_source
+    from polymodal.data.writer import WriterOptions, write_shards
+
+    out = tmp_path_factory.mktemp("emoji")
+    source = open_source(str(data_root / "emoji" / "captions.jsonl"), SourceOptions(caption="{name}"))
+    write_shards(source, out, WriterOptions(samples_per_shard=500, workers=2), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_test_shards(tmp_path_factory, data_root) -> Path:
+    """CIFAR-10 test (10,000 JPEGs) as 10 shards in CLIP_benchmark's layout (split 'test')."""
+    from polymodal.data.sources import SourceOptions, open_source
+    from polymodal.data.writer import WriterOptions, write_shards
+
+    out = tmp_path_factory.mktemp("cifar10")
+    source = open_source(str(data_root / "cifar10" / "test.tar.gz"), SourceOptions(shuffle=True))
+    write_shards(source, out, WriterOptions(samples_per_shard=1000, workers=2), split="test", show_progress=False)
+    return out
+
+
+def polymodal_cmd() -> list[str]:
+    return [sys.executable, "-m", "polymodal"]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
