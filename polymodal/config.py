@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,6 +46,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         raise ConfigError(_describe(exc)) from None
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {exc.filename}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def to_yaml(config: Any) -> str:
