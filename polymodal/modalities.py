@@ -10,12 +10,14 @@ Adding a modality is one `register(Modality(...))` call; nothing else needs to c
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from polymodal.data.errors import ConfigError, SampleSkipped
 
@@ -98,7 +100,7 @@ def decode_dense(data: bytes, extension: str = "", max_pixels: int = DEFAULT_MAX
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tensor conversion after the geometric transform.
+# Tensor conversion (before the geometric transform, which runs on tensors).
 
 
 def has_alpha(img: Image.Image) -> bool:
@@ -117,22 +119,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def rgb_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 [3, H, W]; batches stay uint8 until the model normalises them on its device."""
-    array = np.array(to_rgb(img))  # a writable copy: np.asarray of a PIL image is read-only
-    return torch.from_numpy(array).permute(2, 0, 1)
+    """uint8 [3, H, W] (a channels-last view); batches stay uint8 until the model normalises them on its device."""
+    return _from_pil(to_rgb(img)).permute(2, 0, 1)
 
 
 def map_tensor(img: Image.Image) -> torch.Tensor:
-    """[1, H, W]: uint8 for 8-bit maps, float32 for 16-bit and float maps."""
-    array = np.array(img)
-    if array.dtype != np.uint8:
-        array = array.astype(np.float32)
-    return torch.from_numpy(array)[None]
+    """[1, H, W]: uint8 for 8-bit maps, float32 for 16-bit, 32-bit and float maps."""
+    if img.mode not in ("L", "I;16", "I", "F"):
+        img = img.convert("L")
+    tensor = _from_pil(img)
+    return (tensor if tensor.dtype == torch.uint8 else tensor.float())[None]
 
 
 def label_map_tensor(img: Image.Image) -> torch.Tensor:
-    """int64 [H, W] class indices (palette images keep their indices)."""
-    return torch.from_numpy(np.array(img, dtype=np.int64))
+    """int64 [1, H, W] class indices (palette images keep their indices)."""
+    if img.mode not in ("L", "P", "I;16", "I"):
+        img = img.convert("L")
+    return _from_pil(img).long()[None]
+
+
+def _from_pil(img: Image.Image) -> torch.Tensor:
+    # np.asarray wraps a private copy of the pixels that Pillow made for it; it is flagged read-only only because
+    # that copy is a bytes object, so sharing it avoids a second copy of every image.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(img))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,10 +161,12 @@ class Modality:
     extensions: tuple[str, ...]
     decode: Callable[..., Any]
     description: str
-    # Image-like modalities share one crop/flip per sample; `resample` is how this one is resized.
+    # Image-like modalities share one crop/flip per sample; `interpolation` is how this one is resized, and
+    # `to_tensor` gives [C,H,W]; `channel_dim=False` drops C after the transform (class-index maps are [H,W]).
     geometry: bool = False
-    resample: Image.Resampling = Image.Resampling.BICUBIC
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC
     to_tensor: Callable[[Any], Any] | None = None
+    channel_dim: bool = True
 
     def find(self, sample: dict) -> str | None:
         """The member extension in `sample` that holds this modality, or None."""
@@ -188,14 +201,15 @@ register(Modality("rgb", IMAGE_EXTENSIONS, open_image, "colour image (JPEG/PNG/W
                   geometry=True, to_tensor=rgb_tensor))
 register(Modality("caption", ("txt",), decode_text, "UTF-8 text -> str (or token ids through a tokenizer)"))
 register(Modality("label", ("cls",), decode_label, "integer class label -> int64"))
-for _name, _what, _resample, _tensor in (
-    ("depth", "depth map", Image.Resampling.BILINEAR, map_tensor),
-    ("edges", "edge map", Image.Resampling.BILINEAR, map_tensor),
-    ("semseg", "semantic segmentation (class index per pixel)", Image.Resampling.NEAREST, label_map_tensor),
+for _name, _what, _interpolation, _tensor in (
+    ("depth", "depth map", InterpolationMode.BILINEAR, map_tensor),
+    ("edges", "edge map", InterpolationMode.BILINEAR, map_tensor),
+    ("semseg", "semantic segmentation (class index per pixel)", InterpolationMode.NEAREST_EXACT, label_map_tensor),
 ):
     register(Modality(_name, (f"{_name}.png", f"{_name}.npy"), decode_dense,
                       f"{_what}, 8/16-bit PNG or 2-D .npy -> [1,H,W]" if _name != "semseg" else
                       f"{_what}, 8-bit PNG or 2-D .npy -> int64 [H,W]",
-                      geometry=True, resample=_resample, to_tensor=_tensor))
+                      geometry=True, interpolation=_interpolation, to_tensor=_tensor,
+                      channel_dim=_name != "semseg"))
 register(Modality("array", ("npy",), decode_npy, "any numeric .npy array (never unpickled) -> tensor",
                   to_tensor=torch.from_numpy))

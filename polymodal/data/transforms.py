@@ -7,9 +7,9 @@ aligned even when stored at different resolutions.
 Why not torchvision's RandomResizedCrop: it draws from torch's global RNG, and a resumed run must replay
 exactly the same crops. Here the draw comes from a per-sample `random.Random`, seeded from the sample's place
 in the stream, so augmentation is a pure function of (seed, epoch, position) and needs no saved RNG state.
-The crop is also done in the same call as the resize (`Image.resize(box=...)`), and JPEGs are decoded at a
-reduced scale (`Image.draft`) when the crop is much larger than the output, which is where most of the speed
-over a decode-then-crop pipeline comes from.
+Speed: JPEGs are decoded at a reduced scale (`Image.draft`) when the crop is at least twice the output size,
+and the crop is resized as a uint8 tensor view by torch's antialiased kernels, which are about 3x faster than
+Pillow's resize on one core.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import math
 import random
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from polymodal.modalities import Modality, load_pixels
 
@@ -58,30 +60,23 @@ def center_box(width: int, height: int, out_w: int, out_h: int) -> RelBox:
     return left / width, top / height, (left + crop_w) / width, (top + crop_h) / height
 
 
-def crop_resize(img: Image.Image, box: RelBox, size: tuple[int, int], resample: Image.Resampling,
-                flip: bool, fast_decode: bool = True) -> Image.Image:
-    """Crop `box` out of `img` (not yet decoded) and resize it to `size` in one pass."""
+def crop_resize(img: Image.Image, box: RelBox, size: tuple[int, int], modality: Modality, flip: bool,
+                fast_decode: bool = True) -> torch.Tensor:
+    """Decode `img` (opened, not yet decoded), crop `box`, resize to `size` (w, h): a [C,h,w] tensor."""
     width, height = img.size
-    px_box = [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
     if fast_decode and img.format == "JPEG" and img.mode in ("RGB", "L"):
-        reduce = min((px_box[2] - px_box[0]) / size[0], (px_box[3] - px_box[1]) / size[1])
+        reduce = min((box[2] - box[0]) * width / size[0], (box[3] - box[1]) * height / size[1])
         if reduce >= 2:
             # Ask libjpeg to decode at 1/2, 1/4 or 1/8 scale; the crop still has at least `size` pixels.
             img.draft(img.mode, (math.ceil(width / reduce), math.ceil(height / reduce)))
-            sx, sy = img.size[0] / width, img.size[1] / height
-            px_box = [px_box[0] * sx, px_box[1] * sy, px_box[2] * sx, px_box[3] * sy]
-    load_pixels(img)
-    if img.mode in ("P", "1", "PA", "CMYK", "I;16", "YCbCr", "LAB", "HSV") and resample != Image.Resampling.NEAREST:
-        # Pillow resizes palette images with NEAREST whatever is asked, and cannot resize some modes at all.
-        img = img.convert("RGBA" if img.mode in ("P", "PA") and _transparent(img) else
-                          ("I" if img.mode == "I;16" else "RGB"))
-    # reducing_gap: a cheap integer box-reduction first for big downscales (Pillow: visually identical at 3).
-    out = img.resize(size, resample, box=tuple(px_box), reducing_gap=3.0)
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
-
-
-def _transparent(img: Image.Image) -> bool:
-    return img.mode == "PA" or "transparency" in img.info
+    tensor = modality.to_tensor(load_pixels(img))
+    h, w = tensor.shape[-2:]
+    left, top = min(round(box[0] * w), w - 1), min(round(box[1] * h), h - 1)
+    right, bottom = max(left + 1, round(box[2] * w)), max(top + 1, round(box[3] * h))
+    # torch's antialiased uint8 resize (Pillow-SIMD's kernels) is about 3x faster than Pillow's own resize.
+    out = F.resize(tensor[..., top:bottom, left:right], [size[1], size[0]], interpolation=modality.interpolation,
+                   antialias=True)
+    return out.flip(-1) if flip else out
 
 
 @dataclass
@@ -108,7 +103,7 @@ class ImageTransform:
         out = {}
         if self.size is None:
             for name, (modality, img) in images.items():
-                out[name] = modality.to_tensor(load_pixels(img))
+                out[name] = _finish(modality, modality.to_tensor(load_pixels(img)))
             return out
         first = next(iter(images.values()))[1]
         width, height = first.size
@@ -119,6 +114,10 @@ class ImageTransform:
             box = center_box(width, height, self.size, self.size)
             flip = False
         for name, (modality, img) in images.items():
-            resized = crop_resize(img, box, (self.size, self.size), modality.resample, flip, self.fast_decode)
-            out[name] = modality.to_tensor(resized)
+            out[name] = _finish(modality, crop_resize(img, box, (self.size, self.size), modality, flip,
+                                                      self.fast_decode))
         return out
+
+
+def _finish(modality: Modality, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if modality.channel_dim else tensor[0]
