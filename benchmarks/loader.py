@@ -12,9 +12,10 @@ same shards and with the same number of worker processes N:
               rename, map_dict(preprocess), to_tuple, batched) in a torch DataLoader(batch_size=None,
               num_workers=N); preprocess = open_clip's train transform (torchvision RandomResizedCrop(224,
               scale=SCALE, BICUBIC), convert RGB, ToTensor, Normalize) -> float32 batches
-  raw decode  a multiprocessing Pool(N) over the shard files, each read with tarfile, every image fully decoded
-              with PIL (Image.open(BytesIO(bytes)); .load(); .convert("RGB") only if not RGB already): the
-              ceiling of a PIL-decoding loader, with no crop, resize, tensor or batching
+  raw decode  a multiprocessing Pool(N) over the shard files (each --raw-repeats times, as it is quick), each
+              read with tarfile and every image fully decoded with PIL (Image.open(BytesIO(bytes)); .load();
+              .convert("RGB") only if not RGB already): the ceiling of a PIL-decoding loader, with no crop,
+              resize, tensor or batching
 
 Both pipelines use the same crop scale (SCALE = 0.08-1.0, torchvision's RandomResizedCrop default; open_clip's
 own default is 0.9-1.0, which is cheaper for ours since big crops let JPEGs be decoded at reduced size), the
@@ -33,7 +34,7 @@ with polymodal's writer: imagenet-samples (1000 real JPEG photos, median 500x375
 --imagenet-copies times for a longer epoch, 125 per shard) and the CIFAR-10 test set (10,000 32x32 JPEGs,
 1000 per shard, upscaled to 224 by both pipelines).
 
-    python benchmarks/loader.py                      # full run (about 4 minutes on 2 cores)
+    python benchmarks/loader.py                      # full run (about 3 minutes on 2 quiet cores)
     python benchmarks/loader.py --quick              # smaller, 1 round (under a minute)
     python benchmarks/loader.py --work-dir /tmp/lb   # keep and reuse the shards between runs
 """
@@ -118,11 +119,8 @@ def build_shards(args, work: Path) -> dict[str, dict]:
 
 
 def imagenet_table(folder: Path, work: Path, copies: int) -> str:
-    """A copy of captions_wordnet.jsonl with absolute image paths, only `image` + `gloss`, each row `copies` times.
-
-    Needed because the table importer takes the `label` field (a class *name* here) as the integer label
-    whenever it exists and cannot be told not to: every record then fails with unreadable_source.
-    """
+    """captions_wordnet.jsonl with every row `copies` times (a longer epoch), absolute image paths, and only
+    `image` + `gloss` (the caption; labels are not needed here)."""
     src = folder / "captions_wordnet.jsonl"
     if not src.exists():
         sys.exit(f"{src} not found: pass --data-root (the folder holding imagenet-samples/ and cifar10/)")
@@ -179,6 +177,8 @@ class Clock:
         after the first `workers` arrivals, over the time from the last of those to the end."""
         end = time.perf_counter() - self.t0
         images = sum(n for _, n in self.arrivals)
+        if not self.arrivals:
+            raise RuntimeError("the loader produced no batch")
         k = min(workers, len(self.arrivals) - 1)
         t_warm = self.arrivals[k - 1][0] if k > 0 else 0.0
         steady_images = sum(n for _, n in self.arrivals[k:])
@@ -187,8 +187,8 @@ class Clock:
         if busy is not None and self.busy0 is not None:
             # CPU used by processes other than this benchmark, as a share of the machine's capacity
             other = max(0.0, (busy - self.busy0) - (_own_cpu_seconds() - self.own0)) / (end * (os.cpu_count() or 1))
-        return {"images": images, "other_load": other, "seconds": end, "first_batch_s": self.arrivals[0][0] if self.arrivals else None,
-                "warmup_s": t_warm, "steady_images": steady_images, "steady_seconds": end - t_warm}
+        return {"images": images, "seconds": end, "first_batch_s": self.arrivals[0][0], "warmup_s": t_warm,
+                "steady_images": steady_images, "steady_seconds": end - t_warm, "other_load": other}
 
 
 def run_ours(args, shard_dir: str, to_float: bool) -> Clock:
@@ -274,7 +274,7 @@ def decode_shard(path: str) -> int:
 def run_raw(args, shard_dir: str) -> Clock:
     clock = Clock()
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        for n in pool.imap_unordered(decode_shard, shard_files(shard_dir), chunksize=1):
+        for n in pool.imap_unordered(decode_shard, shard_files(shard_dir) * args.raw_repeats, chunksize=1):
             clock.tick(n)
     return clock
 
@@ -385,6 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved repetitions (default: 3, quick: 1)")
     parser.add_argument("--imagenet-copies", type=int, default=None,
                         help="each photo is written this many times, for a longer epoch (default: 3, quick: 1)")
+    parser.add_argument("--raw-repeats", type=int, default=3,
+                        help="the raw decode reads every shard this many times: a longer, steadier measurement "
+                             "(default: %(default)s)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000, help="samples, both pipelines (default: 1000)")
     parser.add_argument("--shuffle-initial", type=int, default=100, help="both pipelines (default: 100)")
     parser.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
@@ -425,6 +428,7 @@ def main(argv=None) -> int:
         runs: dict[str, dict[str, list]] = {n: {m: [] for m in args.methods} for n in datasets}
         for rnd in range(args.rounds):
             for name, info in datasets.items():
+                expected = {m: info["samples"] * (args.raw_repeats if m == "raw" else 1) for m in METHODS}
                 for method in args.methods:
                     for attempt in range(1 + args.retries):  # a run disturbed by other processes is redone
                         waited = wait_quiet(args.max_other_load, args.max_wait)
@@ -439,7 +443,7 @@ def main(argv=None) -> int:
                               f"{r['first_batch_s']:4.2f}s"
                               + (f"  other load {r['other_load']:.0%}" if r["other_load"] is not None else "")
                               + ("  (contended: redone)" if contended and attempt < args.retries else "")
-                              + ("" if r["images"] == info["samples"] else f"  (expected {info['samples']} images!)"),
+                              + ("" if r["images"] == expected[method] else f"  (expected {expected[method]} images!)"),
                               flush=True)
                         if not contended:
                             break
@@ -463,6 +467,7 @@ def main(argv=None) -> int:
             "settings": {"workers": args.workers, "batch_size": args.batch_size, "rounds": args.rounds,
                          "crop_scale": list(args.scale), "image_size": 224, "shuffle_buffer": args.shuffle_buffer,
                          "shuffle_initial": args.shuffle_initial, "imagenet_copies": args.imagenet_copies,
+                         "raw_repeats": args.raw_repeats,
                          "quick": args.quick, "open_clip_preprocess": openclip_preprocess(args.scale)[1]},
             "machine": machine_info(),
             "results": results,
