@@ -160,6 +160,11 @@ def check_config(cfg: DataConfig, urls: list[str], where: Placement) -> int:
     return workers
 
 
+def _already_collated(batch: dict) -> dict:
+    """Batches are collated in the workers; the default would walk every batch (and its state) once more."""
+    return batch
+
+
 class ShardLoader:
     """Iterate batches from shards; `state_dict()` / `load_state_dict()` save and restore the exact position.
 
@@ -191,7 +196,8 @@ class ShardLoader:
         self.dataset.resume = dict(self._states)
         self.dataset.worker_offset = self._next_worker
         workers = self.num_workers
-        return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.cfg.pin_memory,
+        return DataLoader(self.dataset, batch_size=None, collate_fn=_already_collated, num_workers=workers,
+                          pin_memory=self.cfg.pin_memory,
                           prefetch_factor=self.cfg.prefetch_factor if workers else None,
                           persistent_workers=False)
 
