@@ -207,3 +207,26 @@ def test_fast_decode_matches_full_decode(tmp_path, data_root):
     fast = next(iter(_loader(tmp_path / "0.tar", fast_decode=True, **kw)))["rgb"].float()
     full = next(iter(_loader(tmp_path / "0.tar", fast_decode=False, **kw)))["rgb"].float()
     assert (fast - full).abs().mean() < 6  # out of 255
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("compress", [False, True])
+def test_shard_reader_matches_tarfile_whatever_the_header_format(tmp_path, data_root, tar_format, compress):
+    """The fast ustar reader and its hand-over to tarfile (long names need GNU/pax headers mid-shard)."""
+    from polymodal.data.tar_samples import iter_shard
+
+    photos = sorted((data_root / "emoji" / "img64").glob("*.png"))[:12]
+    path = tmp_path / ("0.tar.gz" if compress else "0.tar")
+    expected = []
+    with tarfile.open(path, "w:gz" if compress else "w", format=tar_format) as tar:
+        for i, photo in enumerate(photos):
+            # from the 6th sample on, names longer than a v7 header holds: ustar splits them into its prefix
+            # field, GNU and pax put them in extra headers that the fast reader hands over to tarfile
+            key = f"{i:03d}" if i < 6 else "d" * 120 + f"/{i:03d}"
+            for ext, data in (("png", photo.read_bytes()), ("txt", photo.stem.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            expected.append((key, photo.read_bytes(), photo.stem.encode()))
+    got = [(raw["__key__"], raw["png"], raw["txt"]) for _, raw in iter_shard(str(path), None)]
+    assert got == expected
