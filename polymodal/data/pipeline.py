@@ -105,11 +105,11 @@ class ShardDataset(IterableDataset):
             counter.load(saved["skips"])
             stream.restore(saved["stream"])
 
+        def position(done: bool) -> dict:
+            return {"worker": logical, "state": {"stream": stream.state(), "skips": counter.as_dict(), "done": done}}
+
         def emit(samples: list[dict], done: bool = False) -> dict:
-            batch = collate(samples)
-            batch["__state__"] = {"worker": logical, "state": {
-                "stream": stream.state(), "skips": counter.as_dict(), "done": done}}
-            return batch
+            return {**collate(samples), "__state__": position(done)}
 
         pending: list[dict] = []
         for pos, idx, raw in stream:
@@ -126,8 +126,7 @@ class ShardDataset(IterableDataset):
             yield emit(pending, done=True)
         else:
             # No batch left, but the end of this worker's epoch and its skip counts must still reach the loader.
-            yield {"__state__": {"worker": logical, "state": {
-                "stream": stream.state(), "skips": counter.as_dict(), "done": True}}}
+            yield {"__state__": position(True)}
 
 
 def check_config(cfg: DataConfig, urls: list[str], where: Placement) -> int:
