@@ -82,6 +82,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from polymodal.data.config import DataConfig
     from polymodal.data.pipeline import ShardLoader
 
+    if args.shards and re.match(r"^[A-Za-z_][\w.]*=", args.shards):  # a key=value given without SHARDS
+        args.overrides, args.shards = [args.shards, *args.overrides], None
     cfg = load_config(DataConfig, args.config, args.overrides, section="data" if args.config else None)
     if args.shards:
         cfg.shards = [args.shards]

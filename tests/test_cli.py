@@ -88,3 +88,12 @@ def test_parse_size():
     assert parse_size("500MB") == 500_000_000 and parse_size("1GiB") == 1 << 30 and parse_size("123") == 123
     with pytest.raises(Exception):
         parse_size("lots")
+
+
+def test_stream_takes_shards_from_config_string_or_override(tmp_path, emoji_shards):
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"data:\n  shards: '{emoji_shards}/{{0..3}}.tar'\n  image_size: 16\n  num_workers: 0\n")
+    from_file = run("data", "stream", "--config", str(config))
+    from_override = run("data", "stream", f"shards={emoji_shards}", "image_size=16", "num_workers=0")
+    for result in (from_file, from_override):
+        assert "1911 samples in 30 batches" in result.stdout and "skipped 0" in result.stdout

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from polymodal.modalities import DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
 class DataConfig:
-    # Shard spec: brace pattern, glob, folder, fsspec URL, '::'-joined, or a list of those.
-    shards: list[str] = field(default_factory=list)
+    # Shard spec: brace pattern, glob, folder, fsspec URL, '::'-joined, or a list of those (Any: a string or a list).
+    shards: Any = field(default_factory=list)
     # Modalities every sample must have (others are skipped and counted), and ones used when present.
     modalities: list[str] = field(default_factory=lambda: ["rgb", "caption"])
     optional_modalities: list[str] = field(default_factory=list)
