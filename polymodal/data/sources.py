@@ -113,7 +113,7 @@ class TarballSource(Source):
 
     def __init__(self, path: str, opts: SourceOptions):
         self.path, self.opts = path, opts
-        names = []
+        # A first pass for the names: class indices are the sorted folder names, needed before the first record.
         with tarfile.open(path, "r|*") as tar:
             names = [m.name for m in tar if m.isfile() and _is_image_name(m.name)]
         if not names:

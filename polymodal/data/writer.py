@@ -65,7 +65,8 @@ class WriterOptions:
 def encode_image(value: bytes | np.ndarray, opts: WriterOptions) -> tuple[str, bytes]:
     """(extension, bytes) of the image as it goes into the shard. Raises SampleSkipped for bad images."""
     if isinstance(value, np.ndarray):
-        img, source_ext, original = Image.fromarray(value), None, None
+        array = value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value  # [H,W,1] -> grey
+        img, source_ext, original = Image.fromarray(array), None, None
     else:
         img = load_pixels(open_image(value, max_pixels=opts.max_image_pixels))
         source_ext, original = FORMAT_EXT.get(img.format), value
