@@ -78,6 +78,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from polymodal.config import load_config
     from polymodal.data.config import DataConfig
     from polymodal.data.pipeline import ShardLoader
@@ -94,16 +96,19 @@ def cmd_stream(args: argparse.Namespace) -> int:
         loader.load_state_dict(json.loads(Path(args.resume_from).read_text()))
     started = time.perf_counter()
     samples = batches = 0
+    bar = tqdm(unit="sample", desc="stream", disable=args.quiet, dynamic_ncols=True)
     for epoch in range(args.epochs):
         for batch in loader:
             if batches == 0:
-                print("first batch: " + ", ".join(f"{k} {_describe(v)}" for k, v in batch.items()))
+                bar.write("first batch: " + ", ".join(f"{k} {_describe(v)}" for k, v in batch.items()))
             samples += len(batch["__key__"])
             batches += 1
+            bar.update(len(batch["__key__"]))
             if args.batches and batches >= args.batches:
                 break
         if args.batches and batches >= args.batches:
             break
+    bar.close()
     seconds = time.perf_counter() - started
     print(f"{samples} samples in {batches} batches, {seconds:.2f} s ({samples / max(seconds, 1e-9):.0f} samples/s), "
           f"{summarize(loader.skip_counts())}")
@@ -212,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stream", help="run shards through the training pipeline and report throughput",
         description="Stream shards through the reading pipeline exactly as training would (split across "
                     "ranks and workers, shuffled, decoded, augmented, batched) and report samples/s and skipped "
-                    "samples. Pipeline settings are data.* keys, from --config and/or key=value overrides.",
+                    "samples. Pipeline settings are the keys of a config's data: section, read from --config "
+                    "and/or given as key=value (e.g. batch_size=128).",
         epilog="example: polymodal data stream out/cifar10/test modalities=[rgb,label] batch_size=256 "
                "num_workers=2")
     stream.add_argument("shards", nargs="?", help="shard spec (or data.shards in the config)")
@@ -223,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--batches", type=int, help="stop after this many batches")
     stream.add_argument("--save-state", help="write the pipeline position (JSON) here at the end")
     stream.add_argument("--resume-from", help="start from a position saved by --save-state")
+    stream.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     stream.set_defaults(func=cmd_stream)
 
     demo = data_commands.add_parser(
