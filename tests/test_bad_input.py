@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from polymodal.data.config import DataConfig
-from polymodal.data.errors import REASONS, ConfigError, SampleSkipped, SkipCounter, summarize
+from polymodal.data.errors import REASONS, ConfigError, SkipCounter, summarize
 from polymodal.data.inspect_shards import inspect_shards
 from polymodal.data.pipeline import ShardLoader
 from polymodal.data.tar_samples import iter_shard

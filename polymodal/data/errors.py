@@ -51,6 +51,13 @@ class SampleSkipped(Exception):
         return SampleSkipped, (self.reason, self.detail)
 
 
+def skip_reason(exc: BaseException) -> SampleSkipped:
+    """A counted skip for any exception raised on one sample (a transform or tokenizer bug included)."""
+    if isinstance(exc, SampleSkipped):
+        return exc
+    return SampleSkipped("transform_failed", f"{type(exc).__name__}: {exc}")
+
+
 class SkipCounter:
     """Counts skips by reason and logs the first occurrence of each reason with its detail.
 

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from polymodal import modalities
 from polymodal.data.collate import collate
 from polymodal.data.config import DataConfig
-from polymodal.data.errors import ConfigError, SampleSkipped, SkipCounter, summarize
+from polymodal.data.errors import ConfigError, SampleSkipped, SkipCounter, skip_reason, summarize
 from polymodal.data.shardlist import expand_shards, missing_local
 from polymodal.data.stream import WorkerStream, augment_rng
-from polymodal.data.tar_samples import RawSample, skip_reason
+from polymodal.data.tar_samples import RawSample
 from polymodal.data.transforms import ImageTransform
 from polymodal.distributed import Placement, placement
 

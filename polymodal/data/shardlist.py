@@ -85,8 +85,7 @@ def expand_shards(spec: str | Iterable[str], allow_pipe: bool = False) -> list[s
         urls.extend(_expand_one(part, allow_pipe))
     if not urls:
         raise ConfigError(f"no shards match {spec!r} (expected .tar files, a folder of them, or a brace pattern)")
-    local = [u for u in urls if not _is_url(u) and not u.startswith("pipe:")]
-    if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
+    if len(missing_local(urls)) == len(urls):
         raise ConfigError(f"none of the {len(urls)} shards of {spec!r} exists (first: {urls[0]})")
     return urls
 

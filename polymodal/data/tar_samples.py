@@ -19,8 +19,8 @@ import tarfile
 import zlib
 from typing import IO, Callable, Iterator
 
-from polymodal.data.errors import SampleSkipped, SkipCounter
-from polymodal.data.shardlist import open_shard
+from polymodal.data.errors import SkipCounter
+from polymodal.data.shardlist import SHARD_SUFFIXES, open_shard
 from polymodal.modalities import is_forbidden
 
 # webdataset's convention: the key is the member path up to the first dot of its file name.
@@ -136,9 +136,9 @@ def _tarfile_members(stream: IO[bytes], skip: int) -> Iterator[Member]:
 def _members(url: str, stream: IO[bytes], allow_pipe: bool) -> Iterator[Member]:
     """Members of the shard open as `stream`; closes the streams it uses."""
     done = 0
-    if url.endswith((".tar", ".tar.gz", ".tgz")) and not url.startswith("pipe:"):
+    if url.endswith(SHARD_SUFFIXES) and not url.startswith("pipe:"):
         try:
-            plain = gzip.GzipFile(fileobj=stream, mode="rb") if url.endswith(("gz",)) else stream
+            plain = gzip.GzipFile(fileobj=stream, mode="rb") if url.endswith("gz") else stream
             for member in _FastTar(plain):
                 done += 1
                 yield member
@@ -230,10 +230,3 @@ def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
             stream.close()
         except Exception:
             pass
-
-
-def skip_reason(exc: BaseException) -> SampleSkipped:
-    """Map an unexpected exception from a transform or tokenizer to a counted skip."""
-    if isinstance(exc, SampleSkipped):
-        return exc
-    return SampleSkipped("transform_failed", f"{type(exc).__name__}: {exc}")
