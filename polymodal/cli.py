@@ -145,6 +145,54 @@ def cmd_modalities(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# polymodal pretrain / report / checkpoint
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from polymodal.pretrain.config import load_pretrain_config
+    from polymodal.pretrain.loop import pretrain
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    result = pretrain(cfg)
+    if result.get("rank", 0) == 0 and result["outcome"] == "end":
+        print(f"trained to step {result['step']} in {result['run_dir']} ({result['skipped_steps']} skipped steps)"
+              + (f"; weights: {result['exported']}" if result["exported"] else ""))
+    return 0
+
+
+def _checkpoint_path(run_dir: str, tag: str | None) -> Path:
+    from polymodal.pretrain import checkpoint
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = tag or checkpoint.latest_tag(ckpt_dir)
+    if tag is None or not checkpoint.is_complete(ckpt_dir / tag):
+        raise ConfigError(f"no complete checkpoint {tag or ''} in {ckpt_dir}".replace("  ", " "))
+    return ckpt_dir / tag
+
+
+def cmd_checkpoint_export(args: argparse.Namespace) -> int:
+    from polymodal.pretrain.distributed import use_cpu_accelerator_if_no_gpu
+    from polymodal.pretrain.export import export_safetensors
+
+    use_cpu_accelerator_if_no_gpu()
+    path = _checkpoint_path(args.run_dir, args.tag)
+    out = export_safetensors(path, Path(args.out) if args.out else Path(args.run_dir) / "model.safetensors")
+    print(f"exported {path.name} to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_checkpoint_universal(args: argparse.Namespace) -> int:
+    from polymodal.pretrain.distributed import use_cpu_accelerator_if_no_gpu
+    from polymodal.pretrain.export import make_universal
+
+    use_cpu_accelerator_if_no_gpu()
+    path = _checkpoint_path(args.run_dir, args.tag)
+    out = make_universal(path, workers=args.workers)
+    print(f"wrote the universal checkpoint {out}; resume=latest at any world size now loads it")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +293,54 @@ def build_parser() -> argparse.ArgumentParser:
     mods = data_commands.add_parser("modalities", help="list the registered modalities",
                                     description="List each modality with its shard extensions and decoded form.")
     mods.set_defaults(func=cmd_modalities)
+
+    pre = commands.add_parser(
+        "pretrain", help="train an objective on shards (DeepSpeed; one CPU process to many GPU nodes)",
+        description="Train the objective named in CONFIG (a YAML experiment file) with DeepSpeed. Settings are "
+                    "the config's keys, overridden as key=value (nested with dots). Run it directly for one "
+                    "process, or under torchrun, srun, the DeepSpeed launcher or accelerate launch (launch/). "
+                    "Checkpoints go to RUN_DIR/checkpoints every checkpoint.every steps, at the end and on "
+                    "SIGTERM; resume=latest continues the exact trajectory. Metrics go to RUN_DIR/metrics.jsonl "
+                    "and TensorBoard (RUN_DIR/tb). Exit codes: 0 done or preempted with a checkpoint, 2 bad "
+                    "config, 3 aborted after repeated non-finite steps.",
+        epilog="example: polymodal pretrain configs/engine-cifar10.yaml steps=200 zero_stage=2 run_dir=runs/try")
+    pre.add_argument("config", help="experiment YAML (see configs/)")
+    pre.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="e.g. steps=1000 optim.lr=3e-4 data.batch_size=128 resume=latest")
+    pre.set_defaults(func=cmd_pretrain)
+
+    rep = commands.add_parser(
+        "report", help="summarise a training run and plot its curves",
+        description="Print a summary of RUN_DIR (steps, loss, samples/s, data wait, MFU, memory, skipped steps, "
+                    "resumes, checkpoints) and draw loss, learning-rate and throughput curves to a PNG.",
+        epilog="example: polymodal report runs/try")
+    from polymodal.pretrain.report import add_arguments as report_arguments, cmd_report
+
+    report_arguments(rep)
+    rep.set_defaults(func=cmd_report)
+
+    ckpt = commands.add_parser("checkpoint", help="export or convert training checkpoints",
+                               description="Work with the checkpoints in RUN_DIR/checkpoints.")
+    ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True, metavar="SUBCOMMAND")
+    export = ckpt_commands.add_parser(
+        "export", help="consolidated weights (any ZeRO stage) to safetensors",
+        description="Gather the weights of a checkpoint (also from ZeRO-3 shards) into one safetensors file, "
+                    "with the objective's config in its metadata (polymodal.pretrain.export.load_exported).",
+        epilog="example: polymodal checkpoint export runs/try --out model.safetensors")
+    export.add_argument("run_dir")
+    export.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
+    export.add_argument("--out", help="output file (default: RUN_DIR/model.safetensors)")
+    export.set_defaults(func=cmd_checkpoint_export)
+    universal = ckpt_commands.add_parser(
+        "universal", help="convert a ZeRO checkpoint so it resumes at another world size",
+        description="Convert a ZeRO 1-3 checkpoint to DeepSpeed's universal format (beside it, TAG_universal). "
+                    "A later resume=latest with a different number of ranks or ZeRO stage loads it. The data "
+                    "stream then restarts at the next epoch (its exact position belongs to the old ranks).",
+        epilog="example: polymodal checkpoint universal runs/try")
+    universal.add_argument("run_dir")
+    universal.add_argument("--tag", help="checkpoint tag (default: latest)")
+    universal.add_argument("--workers", type=int, default=2, help="conversion processes")
+    universal.set_defaults(func=cmd_checkpoint_universal)
     return parser
 
 
@@ -257,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"polymodal: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ == "TrainingAborted":
+            print(f"polymodal: training aborted: {exc}", file=sys.stderr)
+            return 3
+        raise
     except KeyboardInterrupt:
         print("polymodal: interrupted", file=sys.stderr)
         return 130

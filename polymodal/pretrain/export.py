@@ -1,0 +1,90 @@
+"""Consolidated weights out of any checkpoint (ZeRO 0-3) into safetensors, and DeepSpeed universal checkpoints.
+
+The safetensors file holds the objective's state dict with its config in the metadata, so `load_exported`
+rebuilds the same module without DeepSpeed. Universal checkpoints let a run resume at another world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from polymodal.data.errors import ConfigError
+from polymodal.pretrain import checkpoint
+
+log = logging.getLogger("polymodal")
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights (and buffers) of a checkpoint, gathered from however many ZeRO shards it has."""
+    marker = checkpoint.read_marker(path)
+    if marker["zero_stage"] == 0:
+        # Whole model in one file; DeepSpeed's pickle (our own file, so full unpickling is acceptable).
+        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+
+def export_safetensors(path: Path, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    if not checkpoint.is_complete(path):
+        raise ConfigError(f"{path} is not a complete checkpoint")
+    marker = checkpoint.read_marker(path)
+    state = consolidated_state_dict(path)
+    # safetensors refuses tensors that share memory; contiguous copies are plain and portable.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    metadata = {"format": "pt", "polymodal.objective": json.dumps(marker["objective"]),
+                "polymodal.step": str(marker["step"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return out
+
+
+def load_exported(path: str | Path):
+    """The objective module with the exported weights (no DeepSpeed, no distributed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from polymodal.pretrain.objectives import build_objective
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "polymodal.objective" not in metadata:
+        raise ConfigError(f"{path} was not written by polymodal (no objective in its metadata)")
+    objective = build_objective(json.loads(metadata["polymodal.objective"]))
+    objective.load_state_dict(load_file(str(path)), strict=True)
+    return objective.eval()
+
+
+def make_universal(path: Path, workers: int = 2) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format beside it (`<tag>_universal`)."""
+    if not checkpoint.is_complete(path):
+        raise ConfigError(f"{path} is not a complete checkpoint")
+    marker = checkpoint.read_marker(path)
+    if marker["zero_stage"] == 0:
+        raise ConfigError(f"{path} is a ZeRO 0 checkpoint: it already resumes at any world size")
+    out = path.with_name(path.name + checkpoint.UNIVERSAL_SUFFIX)
+    if out.exists():
+        shutil.rmtree(out)
+    # DeepSpeed's converter is a script; its own process keeps its worker pools away from ours.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(out), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
+           "--no_strict"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"DeepSpeed's universal conversion failed for {path}:\n{done.stderr[-3000:]}")
+    for rank_file in path.glob("rank_*.pt"):
+        shutil.copy2(rank_file, out / rank_file.name)
+    checkpoint.write_atomically(out / checkpoint.MARKER, json.dumps({**marker, "universal": True}, indent=1) + "\n")
+    return out
