@@ -124,6 +124,15 @@ def check(cfg: PretrainConfig) -> None:
     need(isinstance(cfg.objective.get("name"), str), "objective.name",
          "missing: name the objective (see `polymodal pretrain --help` for the list)")
     need(cfg.data.shards not in ([], "", None), "data.shards", "missing: give the training shards")
+    objective_config(cfg.objective)
+
+
+def objective_config(section: dict[str, Any]) -> Any:
+    """The objective's typed config, checked against the schema of the objective `section['name']` names."""
+    from polymodal.pretrain.objectives import objective_class
+
+    cls = objective_class(section.get("name", ""))
+    return load_section(cls.Config, {k: v for k, v in section.items() if k != "name"}, "objective")
 
 
 def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:

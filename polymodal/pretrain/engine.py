@@ -103,6 +103,9 @@ class Engine:
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=objective, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        self._clipped_norm = None
+        # DeepSpeed clips fp32 ZeRO-0 gradients itself but drops the norm; keep it for the log.
+        self.ds.clip_fp32_gradients = self._clip_and_record
         if cfg.compile:
             self.ds.compile()
         self.objective = objective
@@ -114,8 +117,17 @@ class Engine:
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
+    def _clip_and_record(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self._clipped_norm = clip_grad_norm_(parameters=self.ds.module.parameters(),
+                                             max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu)
+
     def grad_norm(self) -> float | None:
+        """The global gradient norm before clipping, from whichever part computed it."""
         norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            norm = self._clipped_norm if self._clipped_norm is not None else self.optimizer.last_norm
         if norm is None:
             return None
         return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
@@ -129,6 +141,9 @@ class Engine:
         """
         result = StepResult()
         skipped_before = self.ds.skipped_steps
+        # Batch-norm statistics change in forward; a skipped step must not keep NaNs there either.
+        buffers = [b for b in self.ds.module.buffers() if b.is_floating_point()]
+        saved = [b.clone() for b in buffers]
         nonfinite = torch.zeros((), device=self.world.device)
         for _ in range(self.cfg.grad_accum):
             waited = time.perf_counter()
@@ -151,6 +166,10 @@ class Engine:
                 result.metrics[key] = result.metrics.get(key, 0.0) + value.to(nonfinite.device)
         result.nonfinite = nonfinite + float(poison)
         result.skipped = self.optimizer.skipped_last or self.ds.skipped_steps != skipped_before
+        if result.skipped:
+            with torch.no_grad():
+                for buffer, before in zip(buffers, saved):
+                    buffer.copy_(before)
         return result
 
     def average_over_ranks(self, result: StepResult, stop_requested: bool) -> tuple[dict[str, float], dict]:

@@ -241,7 +241,7 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
                                           run_dir / "model.safetensors")
         if dist.is_initialized() and world.world_size > 1:
             dist.barrier()
-    if runlog:
-        runlog.event(outcome, step, exported=str(exported) if exported else None)
-    return {"outcome": outcome, "step": step, "run_dir": str(run_dir), "skipped_steps": skipped_total,
+    if runlog and outcome == "end":
+        runlog.event("end", step, exported=str(exported) if exported else None)
+    return {"outcome": outcome, "rank": world.rank, "step": step, "run_dir": str(run_dir), "skipped_steps": skipped_total,
             "exported": str(exported) if exported else None}

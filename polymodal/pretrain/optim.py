@@ -32,6 +32,7 @@ class GuardedAdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         self.skipped_last = False
+        self.last_norm = None  # norm of the gradients this rank saw (the global norm when not partitioned)
 
     @torch.no_grad()
     def _grads_finite(self) -> bool:
@@ -39,8 +40,9 @@ class GuardedAdamW(torch.optim.AdamW):
         device = grads[0].device if grads else torch.device("cpu")
         bad = torch.zeros((), dtype=torch.float32, device=device)
         if grads:
-            # One fused pass: the sum of norms is non-finite iff some element is.
-            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
+            # One fused pass: the norm is non-finite iff some element is.
+            self.last_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            bad = (~torch.isfinite(self.last_norm)).float()
         if dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl" and bad.device.type != "cuda":
                 bad = bad.cuda()

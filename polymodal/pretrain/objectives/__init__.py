@@ -36,11 +36,9 @@ def objective_class(name: str) -> type[Objective]:
 
 def build_objective(section: dict[str, Any]) -> Objective:
     """Build the objective named by `section['name']` from the rest of the section (checked against its schema)."""
-    from polymodal.pretrain.config import load_section
+    from polymodal.pretrain.config import objective_config
 
-    values = {k: v for k, v in section.items() if k != "name"}
-    cls = objective_class(section.get("name", ""))
-    return cls(load_section(cls.Config, values, "objective"))
+    return objective_class(section.get("name", ""))(objective_config(section))
 
 
 def _import_builtins() -> None:
