@@ -144,8 +144,9 @@ def test_kill9_of_a_rank_then_resume_is_exact(cifar_test_shards, reference_2rank
     proc = subprocess.Popen(cmd + settings(cifar_test_shards, tmp_path, "steps=12", "zero_stage=2"), cwd=REPO,
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path, 6, proc)
-    workers = subprocess.run(["pgrep", "-f", f"run_dir={tmp_path}"], capture_output=True, text=True).stdout.split()
-    workers = [int(p) for p in workers if int(p) != proc.pid]
+    # The ranks are torchrun's children (their data-loader workers are grandchildren).
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)  # one rank dies; torchrun then stops the other
     proc.communicate(timeout=120)
@@ -292,8 +293,8 @@ def test_resume_at_another_world_size_through_a_universal_checkpoint(cifar_test_
                              capture_output=True, text=True, cwd=REPO)
     assert convert.returncode == 0, convert.stderr[-3000:]
     pretrain(cifar_test_shards, run_dir, "steps=12", "zero_stage=2", "resume=latest")
-    resumed = events(run_dir)[-2]
-    assert resumed["event"] == "resume" and resumed["world_size"] == 1 and resumed["tag"] == "step_00000008"
+    resumed = [e for e in events(run_dir) if e["event"] == "resume"][-1]
+    assert resumed["world_size"] == 1 and resumed["tag"] == "step_00000008"
     after, before = losses(run_dir), losses(reference_2ranks)
     assert sorted(after) == list(range(1, 13))
     # Same weights and optimizer state, other data order: the loss carries on from where it was.

@@ -17,7 +17,6 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +125,12 @@ def save(ds_engine, run_dir: Path, step: int, rank: int, rank_state: dict, meta:
             shutil.rmtree(path)
     _barrier()
     started = time.perf_counter()
-    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    # The universal-checkpoint version tag lets DeepSpeed's converter accept our checkpoints.
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save({**rank_state, "rng": rng_state()}, path / f"rank_{rank:05d}.pt")
     if kill_before_marker:  # fault injection: die with the weights written but the checkpoint not yet complete
         os.kill(os.getpid(), signal.SIGKILL)
@@ -176,7 +180,3 @@ def load(ds_engine, path: Path) -> None:
 def describe(path: Path) -> str:
     marker = read_marker(path)
     return f"{path} (step {marker['step']}, {marker.get('world_size')} ranks, ZeRO {marker.get('zero_stage')})"
-
-
-def marker_summary(meta: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in meta.items())

@@ -35,7 +35,8 @@ def launcher_choice(cfg_value, env_name: str, key: str, convert):
 
 
 def resolve_precision_and_stage(cfg: PretrainConfig, world: World) -> tuple[str, int]:
-    accelerate_precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}
+    # accelerate always exports ACCELERATE_MIXED_PRECISION, as 'no' when its config does not choose.
+    accelerate_precision = {"no": None, "bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}
     precision = launcher_choice(cfg.precision, "ACCELERATE_MIXED_PRECISION", "precision",
                                 lambda v: accelerate_precision.get(v, v))
     stage = launcher_choice(cfg.zero_stage, "ACCELERATE_DEEPSPEED_ZERO_STAGE", "zero_stage", int)
@@ -103,6 +104,11 @@ class Engine:
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=objective, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        if world.world_size == 1 and self.stage == 0 and self.precision == "fp32":
+            # Alone, DeepSpeed would still copy every gradient into a flat buffer and back to "all-reduce" it
+            # (a fifth of a ResNet-18 step on CPU, measured by benchmarks/engine_overhead.py). ZeRO 1-3 and
+            # the bf16 optimizer collect gradients in that path, so it stays on for them.
+            self.ds.enable_backward_allreduce = False
         self._clipped_norm = None
         # DeepSpeed clips fp32 ZeRO-0 gradients itself but drops the norm; keep it for the log.
         self.ds.clip_fp32_gradients = self._clip_and_record
