@@ -146,7 +146,7 @@ class Engine:
         metrics stay tensors until `average_over_ranks`.
         """
         result = StepResult()
-        skipped_before = self.ds.skipped_steps
+        skipped_before = self.ds.skipped_steps  # counts fp16 loss-scale overflows
         # Batch-norm statistics change in forward; a skipped step must not keep NaNs there either.
         buffers = [b for b in self.ds.module.buffers() if b.is_floating_point()]
         saved = [b.clone() for b in buffers]
@@ -171,8 +171,10 @@ class Engine:
                 value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                 result.metrics[key] = result.metrics.get(key, 0.0) + value.to(nonfinite.device)
         result.nonfinite = nonfinite + float(poison)
-        result.skipped = self.optimizer.skipped_last or self.ds.skipped_steps != skipped_before
-        if result.skipped:
+        # fp16 loss-scale overflows (DeepSpeed skips those itself) are routine while the scale settles: they
+        # restore the buffers too but do not count as faults unless the loss itself was not finite.
+        result.skipped = self.optimizer.skipped_last
+        if result.skipped or self.ds.skipped_steps != skipped_before:
             with torch.no_grad():
                 for buffer, before in zip(buffers, saved):
                     buffer.copy_(before)
