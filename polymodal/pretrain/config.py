@@ -121,8 +121,6 @@ def check(cfg: PretrainConfig) -> None:
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be at least 1, got {cfg.checkpoint.keep}")
     need(cfg.log.every >= 1, "log.every", "must be at least 1")
     need(cfg.faults.max_nonfinite_in_row >= 1, "faults.max_nonfinite_in_row", "must be at least 1")
-    need(isinstance(cfg.objective.get("name"), str), "objective.name",
-         "missing: name the objective (see `polymodal pretrain --help` for the list)")
     need(cfg.data.shards not in ([], "", None), "data.shards", "missing: give the training shards")
     objective_config(cfg.objective)
 

@@ -29,7 +29,7 @@ def available() -> dict[str, type[Objective]]:
 def objective_class(name: str) -> type[Objective]:
     objectives = available()
     if name not in objectives:
-        raise ConfigError(f"config key 'objective.name': unknown objective {name!r}; "
+        raise ConfigError(f"config key 'objective.name': {'unknown objective ' + repr(name) if name else 'missing'}; "
                           f"available: {', '.join(sorted(objectives))}")
     return objectives[name]
 
