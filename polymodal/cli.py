@@ -176,7 +176,12 @@ def cmd_checkpoint_export(args: argparse.Namespace) -> int:
 
     use_cpu_accelerator_if_no_gpu()
     path = _checkpoint_path(args.run_dir, args.tag)
-    out = export_safetensors(path, Path(args.out) if args.out else Path(args.run_dir) / "model.safetensors")
+    if args.format == "open_clip":
+        from polymodal.pretrain.export import export_open_clip
+
+        out = export_open_clip(path, Path(args.out) if args.out else Path(args.run_dir) / "open_clip.safetensors")
+    else:
+        out = export_safetensors(path, Path(args.out) if args.out else Path(args.run_dir) / "model.safetensors")
     print(f"exported {path.name} to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -329,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: polymodal checkpoint export runs/try --out model.safetensors")
     export.add_argument("run_dir")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
-    export.add_argument("--out", help="output file (default: RUN_DIR/model.safetensors)")
+    export.add_argument("--out", help="output file (default: RUN_DIR/model.safetensors or open_clip.safetensors)")
+    export.add_argument("--format", choices=["polymodal", "open_clip"], default="polymodal",
+                        help="polymodal: the objective's weights and config; open_clip: the CLIP model's state "
+                             "dict for open_clip.create_model_and_transforms(name, pretrained=FILE)")
     export.set_defaults(func=cmd_checkpoint_export)
     universal = ckpt_commands.add_parser(
         "universal", help="convert a ZeRO checkpoint so it resumes at another world size",
@@ -346,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Other libraries (open_clip, DeepSpeed) log chattily at INFO on the root logger: only warnings from them.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -60,6 +60,12 @@ class FaultConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    # Held-out image-caption shards: text<->image retrieval of the exported model when training ends.
+    retrieval_shards: Optional[str] = None
+
+
+@dataclass
 class PretrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -86,6 +92,7 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # The objective's own section; 'name' picks the objective, the other keys follow its schema.
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "classify"})
 

@@ -124,10 +124,10 @@ class Engine:
         return self.ds.get_lr()[0]
 
     def _clip_and_record(self) -> None:
-        from deepspeed.runtime.utils import clip_grad_norm_
-
-        self._clipped_norm = clip_grad_norm_(parameters=self.ds.module.parameters(),
-                                             max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu)
+        # torch's fused clipping: at ZeRO 0 the gradients are already all-reduced, so this is the global norm;
+        # DeepSpeed's own version also fails on 0-dim parameters (CLIP's logit_scale).
+        params = [p for p in self.ds.module.parameters() if p.grad is not None]
+        self._clipped_norm = torch.nn.utils.clip_grad_norm_(params, self.ds.gradient_clipping(), foreach=True)
 
     def grad_norm(self) -> float | None:
         """The global gradient norm before clipping, from whichever part computed it."""

@@ -51,6 +51,23 @@ def export_safetensors(path: Path, out: Path) -> Path:
     return out
 
 
+def export_open_clip(path: Path, out: Path) -> Path:
+    """A checkpoint of a `clip`/`siglip` objective as an open_clip state dict (safetensors), loadable with
+    `open_clip.create_model_and_transforms(name, pretrained=out)` (our own configs: import
+    polymodal.models.open_clip_towers first, which registers them with open_clip)."""
+    from safetensors.torch import save_file
+
+    marker = checkpoint.read_marker(path)
+    if marker["objective"].get("name") not in ("clip", "siglip"):
+        raise ConfigError(f"{path}: only clip/siglip checkpoints export to open_clip (this is "
+                          f"{marker['objective'].get('name')!r})")
+    state = consolidated_state_dict(path)
+    tensors = {k[len("model."):]: v.detach().contiguous().clone() for k, v in state.items() if k.startswith("model.")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"format": "pt", "open_clip.model": marker["objective"].get("model", "")})
+    return out
+
+
 def load_exported(path: str | Path):
     """The objective module with the exported weights (no DeepSpeed, no distributed)."""
     from safetensors import safe_open

@@ -107,6 +107,25 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
+def evaluate_retrieval(cfg: PretrainConfig, weights: Path, runlog: RunLog) -> dict:
+    """Retrieval on held-out pairs with the exported weights (which also proves the export)."""
+    import json
+
+    from polymodal.eval.retrieval import retrieval
+    from polymodal.pretrain.export import load_exported
+
+    model = load_exported(weights)
+    metrics = retrieval(model, cfg.evaluate.retrieval_shards, cfg.data.image_size)
+    (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    runlog.event("evaluate", cfg.steps, **metrics)
+    lines = [f"retrieval on {metrics['pairs']} held-out pairs ({cfg.evaluate.retrieval_shards}):",
+             f"{'':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
+    for label, key in (("text->image", "image_retrieval"), ("image->text", "text_retrieval")):
+        lines.append(f"{label:<14}" + "".join(f"{100 * metrics[f'{key}_recall@{k}']:>7.1f}%" for k in (1, 5, 10)))
+    print("\n".join(lines), flush=True)
+    return metrics
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     world = init_distributed()
     try:
@@ -239,6 +258,8 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
 
             exported = export_safetensors(run_dir / "checkpoints" / checkpoint.tag_for(step),
                                           run_dir / "model.safetensors")
+            if cfg.evaluate.retrieval_shards:
+                evaluate_retrieval(cfg, exported, runlog)
         if dist.is_initialized() and world.world_size > 1:
             dist.barrier()
     if runlog and outcome == "end":

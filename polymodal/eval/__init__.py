@@ -1,0 +1,1 @@
+"""Downstream evaluation: retrieval today; zero-shot, linear probe and kNN with the evaluation work."""

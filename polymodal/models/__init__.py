@@ -1,0 +1,1 @@
+"""Model towers built from open_clip, timm and transformers configs."""
