@@ -7,6 +7,7 @@ other, once `register_configs()` has run (importing polymodal.models.open_clip_t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import open_clip
@@ -35,8 +36,15 @@ def create(name: str, pretrained: str | None = None, patch_dropout: float = 0.0,
     if pretrained is not None and not Path(pretrained).is_file():
         raise ConfigError(f"config key 'objective.pretrained': {pretrained} is not a local file (weights are "
                           "never downloaded at run time)")
-    return open_clip.create_model(name, pretrained=pretrained, force_patch_dropout=patch_dropout or None,
-                                  require_pretrained=pretrained is not None, **model_kwargs)
+    root = logging.getLogger()
+    level = root.level
+    if pretrained is None:  # random init is what was asked for; open_clip would warn about it
+        root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, force_patch_dropout=patch_dropout or None,
+                                      require_pretrained=pretrained is not None, **model_kwargs)
+    finally:
+        root.setLevel(level)
 
 
 def tokenizer(name: str):

@@ -178,8 +178,10 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
         runlog = RunLog(run_dir, start.step, cfg.steps, cfg.log.tensorboard, cfg.log.progress)
         runlog.event("resume" if start.tag else "start", start.step, world_size=world.world_size,
                      zero_stage=stage, precision=precision, launcher=world.launcher, tag=start.tag)
-        runlog.write(f"polymodal pretrain: objective {objective.name}, {sum(p.numel() for p in objective.parameters()) / 1e6:.2f} M "
-                     f"parameters, {world.world_size} rank(s) on {world.device.type} ({world.launcher}), ZeRO {stage}, "
+        total = sum(p.numel() for p in objective.parameters())
+        trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+        runlog.write(f"polymodal pretrain: objective {objective.name}, {total / 1e6:.2f} M parameters "
+                     f"({trainable / 1e6:.2f} M trainable), {world.world_size} rank(s) on {world.device.type} ({world.launcher}), ZeRO {stage}, "
                      f"{precision}, global batch {cfg.data.batch_size * cfg.grad_accum * world.world_size}"
                      + (f", resuming from {start.tag}" if start.tag else ""))
 
