@@ -101,3 +101,36 @@ def test_align_lit_with_pretrained_towers_keeps_locked_weights(emoji_shards, tmp
     assert torch.equal(trained.text.net.embeddings.word_embeddings.weight, text.embeddings.word_embeddings.weight)
     last = "encoder.layer.5.attention.self.query.weight"
     assert not torch.equal(trained.text.net.state_dict()[last], text.state_dict()[last])  # unlocked, trained
+
+
+def test_feature_cache_gives_the_same_loss_and_gradients():
+    from polymodal.pretrain.objectives import build_objective
+
+    torch.manual_seed(0)
+    plain = build_objective({"name": "clip", "model": "polymodal-tiny-vit"})
+    cached = build_objective({"name": "clip", "model": "polymodal-tiny-vit", "feature_cache_chunk": 5})
+    cached.load_state_dict(plain.state_dict())
+    tok = plain.tokenizer()
+    g = torch.Generator().manual_seed(1)
+    batch = {"rgb": torch.randint(0, 256, (12, 3, 64, 64), dtype=torch.uint8, generator=g),
+             "caption": torch.stack([tok(f"emoji number {i}") for i in range(12)]), "__key__": list(range(12))}
+    expected, got = plain(batch)["loss"], cached(batch)["loss"]
+    expected.backward()
+    got.backward()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), cached.parameters()):
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_feature_cache_trains_under_zero2_and_is_refused_at_zero3(emoji_shards, tmp_path):
+    train(emoji_shards, tmp_path / "z2", "steps=2", "checkpoint.every=0", "checkpoint.export=false", "zero_stage=2",
+          "objective.feature_cache_chunk=8")
+    assert len((tmp_path / "z2" / "metrics.jsonl").read_text().splitlines()) == 2
+    env = subprocess_env()
+    env["DS_ACCELERATOR"] = "cpu"
+    refused = subprocess.run(polymodal_cmd() + ["pretrain", DEMO, f"data.shards={emoji_shards}",
+                                                f"run_dir={tmp_path / 'z3'}", "zero_stage=3",
+                                                "objective.feature_cache_chunk=8"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "objective.feature_cache_chunk" in refused.stderr

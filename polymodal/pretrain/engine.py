@@ -97,6 +97,7 @@ class Engine:
 
         self.cfg, self.world = cfg, world
         self.precision, self.stage = resolve_precision_and_stage(cfg, world)
+        objective.check_engine(self.stage)
         if cfg.activation_checkpointing:
             objective.set_grad_checkpointing(True)
         self.optimizer, scheduler = build_optimizer(objective, cfg.optim, cfg.steps)

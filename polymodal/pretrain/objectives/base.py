@@ -32,6 +32,9 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_engine(self, zero_stage: int) -> None:
+        """Refuse engine settings this objective cannot train with (a ConfigError naming the key)."""
+
     def tokenizer(self):
         """A callable the data pipeline applies to captions in its workers (text objectives), or None."""
         return None

@@ -11,10 +11,12 @@ from typing import Any, Optional
 
 import torch
 
+from polymodal.data.errors import ConfigError
 from polymodal.models import open_clip_towers
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
 from polymodal.pretrain.objectives.contrastive_loss import clip_loss, siglip_loss
+from polymodal.pretrain.objectives.feature_cache import cached_encode
 
 
 @dataclass
@@ -30,6 +32,9 @@ class LossConfig:
     lock_image_unlocked_groups: int = 0
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    # Grad-cache: encode the batch this many rows at a time, keeping only features (large batches on small
+    # memory); gradients are identical. ZeRO 0-2.
+    feature_cache_chunk: Optional[int] = None
 
 
 @dataclass
@@ -105,9 +110,19 @@ class Contrastive(Objective):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens, normalize=True)
 
+    def check_engine(self, zero_stage: int) -> None:
+        if self.config.feature_cache_chunk and zero_stage == 3:
+            raise ConfigError("config key 'objective.feature_cache_chunk': grad-cache works with ZeRO 0-2, not 3 "
+                              "(its partitioned parameters cannot be re-gathered inside backward)")
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        image = self.encode_image(batch["rgb"]).float()
-        text = self.encode_text(batch["caption"]).float()
+        chunk = self.config.feature_cache_chunk
+        if chunk:
+            image = cached_encode(self.encode_image, batch["rgb"], chunk, self.model).float()
+            text = cached_encode(self.encode_text, batch["caption"], chunk, self.model).float()
+        else:
+            image = self.encode_image(batch["rgb"]).float()
+            text = self.encode_text(batch["caption"]).float()
         scale = self.model.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
         if self.siglip:
             loss = siglip_loss(image, text, scale, self.model.logit_bias.float(), chunk_size=self.config.chunk_size)
