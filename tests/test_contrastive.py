@@ -74,7 +74,7 @@ def test_demo_main_job_ends_with_a_retrieval_table(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "retrieval on 411 held-out pairs" in done.stdout and "text->image" in done.stdout
-    metrics = json.loads((tmp_path / "eval.json").read_text())
+    metrics = json.loads((tmp_path / "eval.json").read_text())["retrieval"]
     assert metrics["pairs"] == 411
     assert 0 <= metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@5"] <= 1
 
@@ -134,3 +134,32 @@ def test_feature_cache_trains_under_zero2_and_is_refused_at_zero3(emoji_shards, 
                                                 "objective.feature_cache_chunk=8"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "objective.feature_cache_chunk" in refused.stderr
+
+
+def test_zeroshot_matches_a_direct_computation(clip_run, data_root, tmp_path):
+    from polymodal.data.config import DataConfig
+    from polymodal.data.pipeline import ShardLoader
+    from polymodal.data.sources import SourceOptions, open_source
+    from polymodal.data.writer import WriterOptions, write_shards
+    from polymodal.distributed import Placement
+    from polymodal.eval.zeroshot import zeroshot_classification
+    from polymodal.pretrain.export import load_exported
+
+    source = open_source(str(data_root / "cifar10" / "test.tar.gz"), SourceOptions(limit=300))
+    write_shards(source, tmp_path, WriterOptions(samples_per_shard=100, workers=1), split="test",
+                 show_progress=False)
+    model = load_exported(clip_run / "model.safetensors")
+    metrics = zeroshot_classification(model, str(tmp_path / "test"), image_size=64)
+    assert metrics["samples"] == 300 and 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
+
+    classnames = (tmp_path / "classnames.txt").read_text().split("\n")[:10]
+    templates = [t for t in (tmp_path / "zeroshot_classification_templates.txt").read_text().split("\n") if t]
+    tok = model.tokenizer()
+    with torch.no_grad():
+        classes = torch.stack([torch.nn.functional.normalize(model.encode_text(torch.stack(
+            [tok(t.replace("{c}", c)) for t in templates])).mean(0), dim=-1) for c in classnames])
+        cfg = DataConfig(shards=str(tmp_path / "test"), modalities=["rgb", "label"], batch_size=300, num_workers=0,
+                         shuffle_buffer=0, shuffle_shards=False, image_size=64, augment=False)
+        batch = next(iter(ShardLoader(cfg, where=Placement(0, 1))))
+        predicted = (model.encode_image(batch["rgb"]) @ classes.T).argmax(dim=1)
+    assert metrics["acc1"] == pytest.approx(float((predicted == batch["label"]).float().mean()), abs=1e-9)

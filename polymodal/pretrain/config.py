@@ -63,6 +63,8 @@ class FaultConfig:
 class EvaluateConfig:
     # Held-out image-caption shards: text<->image retrieval of the exported model when training ends.
     retrieval_shards: Optional[str] = None
+    # Labelled shard folders in CLIP_benchmark's layout (classnames.txt beside them): zero-shot accuracy.
+    zeroshot: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -107,23 +107,32 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def evaluate_retrieval(cfg: PretrainConfig, weights: Path, runlog: RunLog) -> dict:
-    """Retrieval on held-out pairs with the exported weights (which also proves the export)."""
+def evaluate_exported(cfg: PretrainConfig, weights: Path, runlog: RunLog) -> dict:
+    """Retrieval and zero-shot on held-out data with the exported weights (which also proves the export)."""
     import json
 
     from polymodal.eval.retrieval import retrieval
+    from polymodal.eval.zeroshot import zeroshot_classification
     from polymodal.pretrain.export import load_exported
 
     model = load_exported(weights)
-    metrics = retrieval(model, cfg.evaluate.retrieval_shards, cfg.data.image_size)
-    (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    runlog.event("evaluate", cfg.steps, **metrics)
-    lines = [f"retrieval on {metrics['pairs']} held-out pairs ({cfg.evaluate.retrieval_shards}):",
-             f"{'':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
-    for label, key in (("text->image", "image_retrieval"), ("image->text", "text_retrieval")):
-        lines.append(f"{label:<14}" + "".join(f"{100 * metrics[f'{key}_recall@{k}']:>7.1f}%" for k in (1, 5, 10)))
+    results, lines = {}, []
+    if cfg.evaluate.retrieval_shards:
+        metrics = results["retrieval"] = retrieval(model, cfg.evaluate.retrieval_shards, cfg.data.image_size)
+        lines += [f"retrieval on {metrics['pairs']} held-out pairs ({cfg.evaluate.retrieval_shards}):",
+                  f"{'':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
+        for label, key in (("text->image", "image_retrieval"), ("image->text", "text_retrieval")):
+            lines.append(f"{label:<14}" + "".join(f"{100 * metrics[f'{key}_recall@{k}']:>7.1f}%" for k in (1, 5, 10)))
+    if cfg.evaluate.zeroshot:
+        lines.append(f"zero-shot classification:{'':<15}{'top-1':>8}{'top-5':>8}{'mean recall':>13}")
+        for shards in cfg.evaluate.zeroshot:
+            metrics = results[f"zeroshot:{shards}"] = zeroshot_classification(model, shards, cfg.data.image_size)
+            lines.append(f"  {shards[-36:]:<38}{100 * metrics['acc1']:>7.1f}%{100 * metrics['acc5']:>7.1f}%"
+                         f"{100 * metrics['mean_per_class_recall']:>12.1f}%")
+    (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    runlog.event("evaluate", cfg.steps, results=results)
     print("\n".join(lines), flush=True)
-    return metrics
+    return results
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -260,8 +269,8 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
 
             exported = export_safetensors(run_dir / "checkpoints" / checkpoint.tag_for(step),
                                           run_dir / "model.safetensors")
-            if cfg.evaluate.retrieval_shards:
-                evaluate_retrieval(cfg, exported, runlog)
+            if cfg.evaluate.retrieval_shards or cfg.evaluate.zeroshot:
+                evaluate_exported(cfg, exported, runlog)
         if dist.is_initialized() and world.world_size > 1:
             dist.barrier()
     if runlog and outcome == "end":
