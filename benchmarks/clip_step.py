@@ -32,8 +32,9 @@ timed steps.
       which takes JPEG decoding out of the picture. The data-wait columns show whether a loader held a trainer back.
 
 Timing: --rounds rounds, each with one run of both trainers in alternating order (ours, open_clip, open_clip,
-ours, ...), every run --warmup + --steps steps; the first --warmup steps of each run (worker start-up, shuffle
-buffers filling, allocator warm-up) are left out. Per-step time is wall time per iteration: ours, the interval
+ours, ...), every run --warmup + --steps steps (rounded up to a multiple of --workers, as open_clip_train gives
+each worker the same number of batches); the first --warmup steps of each run (worker start-up, shuffle buffers
+filling, allocator warm-up) are left out. Per-step time is wall time per iteration: ours, the interval
 between consecutive metrics.jsonl records (their `time`); open_clip, its Batch (t) (the time between the ends of
 consecutive iterations, read at full precision as batch / samples-per-second). Both therefore include that step's
 share of logging. Figures are medians over all timed steps of all runs; the ratio ours/open_clip is of samples/s
@@ -53,7 +54,7 @@ most --max-other-load of the CPUs, measures what share they used during the run,
 --retries times; the table marks runs that stayed disturbed. Figures depend on the machine: compare them only
 from the same one.
 
-    python benchmarks/clip_step.py            # full run: 2 rounds x 2 runs of 25 steps (about 8 minutes on 2 cores)
+    python benchmarks/clip_step.py            # full run: 2 rounds x 2 runs of 26 steps (6-20 minutes on 2 cores)
     python benchmarks/clip_step.py --quick    # smoke run: 1 round of 6 steps each
     TORCH_EXTENSIONS_DIR=/tmp/torch_ext python benchmarks/clip_step.py   # reuse DeepSpeed's built ops
 """
@@ -302,8 +303,8 @@ def print_table(args, res: dict, meta: dict) -> None:
     peak = meta["peak_flops"]
     print(f"\n{args.model} at {args.image_size} px, batch {args.batch_size}, {args.precision} on {meta['device']}, "
           f"{args.threads} torch threads, {args.workers} data workers; {args.data} shards; {args.rounds} round(s) "
-          f"x {args.steps} timed steps per trainer after {args.warmup} warm-up steps; medians of per-step wall "
-          f"times, loading included.")
+          f"x {args.run_steps - args.warmup} timed steps per trainer after {args.warmup} warm-up steps; medians of "
+          f"per-step wall times, loading included.")
     header = (f"{'trainer':10s}{'step ms':>9s}{'[run medians]':>18s}{'samples/s':>11s}{'data wait':>11s}"
               f"{'GFLOP/s':>10s}" + (f"{'MFU':>8s}" if peak else "") + f"{'other load':>12s}")
     print(header)
@@ -321,9 +322,10 @@ def print_table(args, res: dict, meta: dict) -> None:
     goal = (f"; GPU goal >= {GPU_GOAL}x: {'met' if res['gpu_goal_met'] else 'NOT met'}" if args.gpu
             else f" (the >= {GPU_GOAL}x goal is for the GPU run)")
     print(f"\nours/open_clip samples/s: {res['ratio']:.2f}x (per round {lo:.2f}-{hi:.2f}){goal}")
-    print(f"data wait: ours {100 * t['ours']['data_wait_median']:.1f}% of each step (median, mean "
-          f"{100 * t['ours']['data_wait_mean']:.1f}%); open_clip Data (t) {1e3 * t['open_clip']['data_s_median']:.0f} ms "
-          f"median (mean {100 * t['open_clip']['data_wait_mean']:.1f}% of the step)")
+    ours, peer = t["ours"], t["open_clip"]
+    print(f"data wait: ours {100 * ours['data_wait_median']:.1f}% of each step (median; mean "
+          f"{100 * ours['data_wait_mean']:.1f}%); open_clip Data (t) {1e3 * peer['data_s_median']:.0f} ms median "
+          f"({100 * peer['data_wait_median']:.1f}% of the step; mean {100 * peer['data_wait_mean']:.1f}%)")
     if not peak:
         print("MFU: no peak FLOP/s known for this device (pass --peak-flops)")
 
