@@ -73,6 +73,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import cpu_model, system_busy_seconds, write_report  # benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parent.parent
 GPU_GOAL = 1.5  # ours/open_clip samples/s on a GPU (the issue's goal)
 TRAINERS = ("ours", "open_clip")
@@ -145,14 +147,6 @@ def ensure_peer_webdataset(folder: Path) -> str:
 # Other processes' load (the machine may be shared)
 
 
-def system_busy_seconds() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:
@@ -334,14 +328,7 @@ def machine_info(gpu: bool) -> dict:
     import open_clip
     import torch
 
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     info = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
             "cpu_model": model or platform.processor(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__}
@@ -482,9 +469,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "total_seconds": time.perf_counter() - t_start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = write_report(args.out, report)
     print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all; logs and run folders in {work})")
     return 0
 

@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import cpu_model, write_report  # benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -187,14 +189,7 @@ class Bare:
 
 
 def machine_info(device: torch.device) -> dict:
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     import deepspeed
     import timm
 
@@ -420,9 +415,7 @@ def run(args, world, t_start: float) -> int:
         "step_times_s": times,
         "total_seconds": time.perf_counter() - t_start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = write_report(args.out, report)
     print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all)")
     return 0
 

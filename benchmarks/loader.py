@@ -56,6 +56,8 @@ import time
 from io import BytesIO
 from pathlib import Path
 
+from bench_common import cpu_model, system_busy_seconds, write_report  # benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -145,15 +147,6 @@ def shard_files(shard_dir: Path | str) -> list[str]:
 # The measured pipelines. Each returns a Clock: when each batch (raw: each shard) arrived, and its image count.
 
 
-def _system_busy_seconds() -> float | None:
-    """CPU seconds spent busy by the whole machine so far (Linux /proc/stat), None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_seconds() -> float:
@@ -165,7 +158,7 @@ class Clock:
     """Batch arrival times, and how busy the rest of the machine was meanwhile (other processes' load)."""
 
     def __init__(self):
-        self.busy0, self.own0 = _system_busy_seconds(), _own_cpu_seconds()
+        self.busy0, self.own0 = system_busy_seconds(), _own_cpu_seconds()
         self.t0 = time.perf_counter()
         self.arrivals: list[tuple[float, int]] = []
 
@@ -182,7 +175,7 @@ class Clock:
         k = min(workers, len(self.arrivals) - 1)
         t_warm = self.arrivals[k - 1][0] if k > 0 else 0.0
         steady_images = sum(n for _, n in self.arrivals[k:])
-        busy = _system_busy_seconds()
+        busy = system_busy_seconds()
         other = None
         if busy is not None and self.busy0 is not None:
             # CPU used by processes other than this benchmark, as a share of the machine's capacity
@@ -288,14 +281,7 @@ def machine_info() -> dict:
     import webdataset
     from PIL import features
 
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -316,11 +302,11 @@ def wait_quiet(limit: float, max_wait: float) -> float:
     """Wait (up to max_wait s) until other processes use at most `limit` of the machine; returns seconds waited."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < max_wait:
-        busy0 = _system_busy_seconds()
+        busy0 = system_busy_seconds()
         if busy0 is None:
             break
         time.sleep(0.5)
-        if (_system_busy_seconds() - busy0) / (0.5 * (os.cpu_count() or 1)) <= limit:
+        if (system_busy_seconds() - busy0) / (0.5 * (os.cpu_count() or 1)) <= limit:
             break
     return time.perf_counter() - t0
 
@@ -473,9 +459,7 @@ def main(argv=None) -> int:
             "results": results,
             "total_seconds": time.perf_counter() - t_start,
         }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        out = write_report(args.out, report)
         print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all)")
     finally:
         if tmp:
