@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import time
 from pathlib import Path
 
 
@@ -34,3 +36,24 @@ def write_report(path: str | Path, report: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return out
+
+
+def machine_basics() -> dict:
+    """CPU and platform facts every benchmark result records; each script adds its library versions."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model() or platform.processor(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def wait_quiet(limit: float, max_wait: float, interval: float = 1.0) -> float:
+    """Wait (up to max_wait s) until other processes use at most `limit` of the machine's CPUs; returns the
+    seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait:
+        busy0 = system_busy_seconds()
+        if busy0 is None:
+            break
+        time.sleep(interval)
+        if (system_busy_seconds() - busy0) / (interval * (os.cpu_count() or 1)) <= limit:
+            break
+    return time.perf_counter() - t0

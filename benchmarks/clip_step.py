@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -73,7 +72,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_model, system_busy_seconds, write_report  # benchmarks/ is on sys.path when run as a script
+from bench_common import machine_basics, system_busy_seconds, wait_quiet, write_report  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_GOAL = 1.5  # ours/open_clip samples/s on a GPU (the goal)
@@ -154,16 +153,6 @@ def children_cpu_seconds() -> float:
     return t.children_user + t.children_system
 
 
-def wait_quiet(limit: float, max_wait: float) -> float:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait:
-        busy0 = system_busy_seconds()
-        if busy0 is None:
-            break
-        time.sleep(1.0)
-        if (system_busy_seconds() - busy0) / (os.cpu_count() or 1) <= limit:
-            break
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,10 +317,7 @@ def machine_info(gpu: bool) -> dict:
     import open_clip
     import torch
 
-    model = cpu_model()
-    info = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "cpu_model": model or platform.processor(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__}
+    info = {**machine_basics(), "torch": torch.__version__, "open_clip": open_clip.__version__}
     try:
         import deepspeed
 

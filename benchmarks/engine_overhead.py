@@ -44,13 +44,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_common import cpu_model, write_report  # benchmarks/ is on sys.path when run as a script
+from bench_common import machine_basics, write_report  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -189,16 +188,11 @@ class Bare:
 
 
 def machine_info(device: torch.device) -> dict:
-    model = cpu_model()
     import deepspeed
     import timm
 
     info = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": model or platform.processor(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine_basics(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "deepspeed": deepspeed.__version__,

@@ -46,7 +46,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -56,7 +55,7 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-from bench_common import cpu_model, system_busy_seconds, write_report  # benchmarks/ is on sys.path when run as a script
+from bench_common import machine_basics, system_busy_seconds, wait_quiet, write_report  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -281,13 +280,8 @@ def machine_info() -> dict:
     import webdataset
     from PIL import features
 
-    model = cpu_model()
     return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": model or platform.processor(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine_basics(),
         "torch": torch.__version__,
         "torch_threads_main": torch.get_num_threads(),
         "torchvision": torchvision.__version__,
@@ -298,17 +292,6 @@ def machine_info() -> dict:
     }
 
 
-def wait_quiet(limit: float, max_wait: float) -> float:
-    """Wait (up to max_wait s) until other processes use at most `limit` of the machine; returns seconds waited."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait:
-        busy0 = system_busy_seconds()
-        if busy0 is None:
-            break
-        time.sleep(0.5)
-        if (system_busy_seconds() - busy0) / (0.5 * (os.cpu_count() or 1)) <= limit:
-            break
-    return time.perf_counter() - t0
 
 
 def summarize(runs: list[dict], workers: int, max_other: float) -> dict:
@@ -417,7 +400,7 @@ def main(argv=None) -> int:
                 expected = {m: info["samples"] * (args.raw_repeats if m == "raw" else 1) for m in METHODS}
                 for method in args.methods:
                     for attempt in range(1 + args.retries):  # a run disturbed by other processes is redone
-                        waited = wait_quiet(args.max_other_load, args.max_wait)
+                        waited = wait_quiet(args.max_other_load, args.max_wait, interval=0.5)
                         r = runners[method](info["dir"]).result(args.workers)
                         r["waited_s"], r["attempt"] = waited, attempt + 1
                         runs[name][method].append(r)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO, polymodal_cmd, subprocess_env
+from polymodal.pretrain.distributed import free_port
 
 CONFIG = str(REPO / "configs" / "engine-cifar10.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -234,14 +234,8 @@ def test_zero3_checkpoint_exports_to_safetensors_with_identical_outputs(cifar_te
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_nodes_on_loopback_train_and_checkpoint(cifar_test_shards, tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         TORCHRUN + ["--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
                     f"--master_port={port}", "-m", "polymodal", "pretrain"]
@@ -258,7 +252,7 @@ def test_two_nodes_on_loopback_train_and_checkpoint(cifar_test_shards, tmp_path)
 
 def test_srun_style_start_without_a_launcher(cifar_test_shards, tmp_path):
     """What `srun polymodal pretrain` gives each task: SLURM_* variables only."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         task_env = env()

@@ -175,8 +175,3 @@ def load(ds_engine, path: Path) -> None:
                                           load_lr_scheduler_states=True)
     if loaded is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint {path}")
-
-
-def describe(path: Path) -> str:
-    marker = read_marker(path)
-    return f"{path} (step {marker['step']}, {marker.get('world_size')} ranks, ZeRO {marker.get('zero_stage')})"
