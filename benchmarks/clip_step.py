@@ -168,7 +168,7 @@ def base_env(args) -> dict:
     return env
 
 
-def ours_command(args, shards: str, run_dir: Path) -> list[str]:
+def ours_command(args, shards: str, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "polymodal", "pretrain", str(REPO / "configs" / "demo.yaml"),
            f"run_dir={run_dir}", f"steps={args.run_steps}", f"data.shards={shards}",
            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
@@ -177,7 +177,7 @@ def ours_command(args, shards: str, run_dir: Path) -> list[str]:
            f"optim.lr={LR}", f"optim.weight_decay={WD}", f"optim.warmup_steps={WARMUP_LR_STEPS}",
            f"grad_clip={GRAD_CLIP}", f"seed={args.seed}", "evaluate.retrieval_shards=null", "checkpoint.every=0",
            "checkpoint.export=false", "log.progress=false", "log.tensorboard=false", "log.every=1"]
-    return cmd + ([f"peak_flops={args.peak_flops}"] if args.peak_flops else [])
+    return cmd + ([f"peak_flops={args.peak_flops}"] if args.peak_flops else []) + list(extra)
 
 
 def peer_command(args, shards: str, logs: Path) -> list[str]:
@@ -208,11 +208,11 @@ def launch(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float | No
     return wall, other
 
 
-def run_ours(args, shards: str, work: Path, tag: str) -> dict:
+def run_ours(args, shards: str, work: Path, tag: str, extra: tuple[str, ...] = ()) -> dict:
     run_dir = work / f"ours-{tag}"
     shutil.rmtree(run_dir, ignore_errors=True)
     log_path = work / f"ours-{tag}.log"
-    wall, other = launch(ours_command(args, shards, run_dir), base_env(args), log_path)
+    wall, other = launch(ours_command(args, shards, run_dir, extra), base_env(args), log_path)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = []
     for prev, rec in zip([None] + records[:-1], records):
@@ -224,7 +224,7 @@ def run_ours(args, shards: str, work: Path, tag: str) -> dict:
                       "peak": rec["flops_per_s"] / rec["mfu"] if rec.get("mfu") else None})
     params = re.search(r"objective clip, ([\d.]+) M parameters", log_path.read_text(errors="replace"))
     return {"trainer": "ours", "tag": tag, "wall_s": wall, "other_load": other, "log": str(log_path),
-            "params_m": float(params.group(1)) if params else None, "steps": steps}
+            "run_dir": str(run_dir), "params_m": float(params.group(1)) if params else None, "steps": steps}
 
 
 def run_peer(args, shards: str, work: Path, tag: str, wds_dir: Path) -> dict:
@@ -245,7 +245,7 @@ def run_peer(args, shards: str, work: Path, tag: str, wds_dir: Path) -> dict:
     if len(steps) != args.run_steps:
         raise RuntimeError(f"open_clip_train logged {len(steps)} steps, expected {args.run_steps}; see {log_path}")
     return {"trainer": "open_clip", "tag": tag, "wall_s": wall, "other_load": other, "log": str(log_path),
-            "steps": steps}
+            "checkpoint": str(logs / "run" / "checkpoints" / "epoch_1.pt"), "steps": steps}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,13 @@ def _lines_or_list(value: str | None) -> list[str] | None:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _templates(value: str | None) -> list[str] | None:
+    """Caption templates: a file with one per line, or one template (templates may hold commas)."""
+    if value is None or not os.path.isfile(value):
+        return [value] if value else None
+    return _lines_or_list(value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # polymodal data ...
 
@@ -48,12 +55,14 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     source = open_source(args.source, SourceOptions(
         caption=args.caption, image_field=args.image_field, label_field=args.label_field,
-        labels_path=args.labels, classnames=_lines_or_list(args.classnames), shuffle=args.shuffle,
+        labels_path=args.labels, classnames=_lines_or_list(args.classnames),
+        label_captions=_templates(args.label_captions), shuffle=args.shuffle,
         seed=args.seed, limit=args.limit))
     opts = WriterOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_size,
                          resize=args.resize, image_format=args.image_format, quality=args.quality,
                          workers=args.workers, compress=args.compress)
-    settings = {"source": args.source, "caption": args.caption, "shuffle": args.shuffle,
+    settings = {"source": args.source, "caption": args.caption, "label_captions": args.label_captions,
+                "shuffle": args.shuffle,
                 "seed": args.seed, "limit": args.limit}
     stats = write_shards(source, args.out_dir, opts, split=args.split, resume=args.resume,
                          overwrite=args.overwrite, templates=_lines_or_list(args.templates), settings=settings,
@@ -245,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--limit", type=int, help="convert only the first N records")
     shards.add_argument("--caption", help="tables: caption field name, or a template over the row's fields "
                                           "like 'an emoji of {name}' (default: a caption/text field)")
+    shards.add_argument("--label-captions", metavar="TEMPLATES",
+                        help="labelled data: also write a caption from each sample's class name, from a template "
+                             "with {c} like 'a photo of a {c}.' or a file of them, one per line (one is picked "
+                             "per sample, seeded), so labelled sets can join image-text pretraining")
     shards.add_argument("--image-field", help="tables: the image path field (default: image/path/file...)")
     shards.add_argument("--label-field", help="tables: an integer label field (default: label/cls...)")
     shards.add_argument("--labels", help="IDX: the labels file (default: the standard -labels-idx1- sibling)")

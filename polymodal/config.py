@@ -23,6 +23,15 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"config key {key!r}: {message}" if key else f"config: {message}"
 
 
+def _parse_override(override: str):
+    try:
+        return OmegaConf.from_dotlist([override])
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({' '.join(str(exc).split()[:8])}...); "
+                          "inside a list, quote items holding braces or commas: "
+                          "key='[\"a/{0..2}.tar\",\"b.tar\"]'") from None
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
                 section: str | None = None) -> T:
     """Build `schema` from the YAML at `path` (its `section` if given) and `key=value` overrides.
@@ -40,7 +49,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            for override in overrides:
+                merged = OmegaConf.merge(merged, _parse_override(override))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None

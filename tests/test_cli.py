@@ -79,8 +79,12 @@ def test_config_file_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         load_config(DataConfig, None, ["resampled"])
     config.write_text("data:\n  shards: [a/{0..3}.tar]\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=f"config {config}: not valid YAML"):
         load_config(DataConfig, config, section="data")
+    with pytest.raises(ConfigError, match="override 'shards=.*quote"):  # the override is named, not the file
+        load_config(DataConfig, None, ["shards=[a/{0..2}.tar,b.tar]"])
+    cfg = load_config(DataConfig, None, ['shards=["a/{0..2}.tar","b.tar"]'])
+    assert cfg.shards == ["a/{0..2}.tar", "b.tar"]
 
 
 def test_parse_size():

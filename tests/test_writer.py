@@ -86,6 +86,30 @@ def test_fashion_mnist_idx(tmp_path: Path, data_root: Path):
     assert (tmp_path / "classnames.txt").read_text().splitlines()[0] == "T-shirt/top"
 
 
+def test_label_captions_from_class_names(tmp_path: Path, data_root: Path):
+    """A labelled set joins image-text pretraining: each sample gets a caption from its class name."""
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {c}.\na blurry photo of the {c}.\n")
+    out = tmp_path / "shards"
+    subprocess.run(polymodal_cmd() + ["data", "shards", str(data_root / "fashion-mnist" / "t10k-images-idx3-ubyte.gz"),
+                                 str(out), "--limit", "300", "--label-captions", str(templates), "--classnames",
+                                 "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot", "-q"],
+                   check=True, env=subprocess_env(), capture_output=True)
+    names = (out / "classnames.txt").read_text().splitlines()
+    samples = read_with_webdataset(out)
+    assert len(samples) == 300
+    used = set()
+    for sample in samples:
+        caption, label = sample["txt"].decode(), int(sample["cls"])
+        template = next(t for t in templates.read_text().splitlines() if t.replace("{c}", names[label]) == caption)
+        used.add(template)
+    assert len(used) == 2  # both templates are drawn
+    with pytest.raises(ConfigError, match="no {c}"):
+        open_source(str(data_root / "mnist10k" / "mnist10k_npm.npz"), SourceOptions(label_captions=["a digit"]))
+    with pytest.raises(ConfigError, match="needs labelled data"):
+        open_source(str(data_root / "emoji" / "captions.jsonl"), SourceOptions(label_captions=["a {c}"]))
+
+
 def test_mnist_npz(tmp_path: Path, data_root: Path):
     source = open_source(str(data_root / "mnist10k" / "mnist10k_npm.npz"), SourceOptions(limit=1200))
     stats = write_shards(source, tmp_path, WriterOptions(samples_per_shard=500), show_progress=False)

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +43,8 @@ class SourceOptions:
     label_field: str | None = None
     labels_path: str | None = None  # IDX: the labels file, when not the standard sibling name
     classnames: list[str] | None = None
+    # Labelled sources: caption templates over the class name {c}; each record gets one (seeded pick).
+    label_captions: list[str] | None = None
     shuffle: bool = False
     seed: int = 0
     limit: int | None = None
@@ -280,8 +283,37 @@ class ArraySource(Source):
             yield record
 
 
+class LabelCaptions(Source):
+    """A labelled source whose records also get a caption made from their class name ('a photo of a {c}.').
+
+    Each record's template is picked by a hash of its origin and the seed, so a conversion stays reproducible
+    and resumable by position, and a class's samples spread over all the templates.
+    """
+
+    def __init__(self, inner: Source, templates: list[str], seed: int):
+        if not inner.classnames:
+            raise ConfigError("--label-captions needs labelled data (class subfolders, a label field or labels file)")
+        bad = [t for t in templates if "{c}" not in t]
+        if bad:
+            raise ConfigError(f"--label-captions: template {bad[0]!r} has no {{c}} for the class name")
+        self.inner, self.templates, self.seed = inner, templates, seed
+        self.classnames, self.length = inner.classnames, inner.length
+
+    def records(self) -> Iterator[Record]:
+        for record in self.inner.records():
+            if "label" in record and "caption" not in record:
+                pick = zlib.crc32(f"{self.seed}:{record['source']}".encode()) % len(self.templates)
+                record["caption"] = self.templates[pick].replace("{c}", self.classnames[record["label"]])
+            yield record
+
+
 def open_source(path: str, opts: SourceOptions) -> Source:
-    """Pick the importer from what SOURCE is."""
+    """Pick the importer from what SOURCE is (with label captions added when asked)."""
+    source = _open_layout(path, opts)
+    return LabelCaptions(source, opts.label_captions, opts.seed) if opts.label_captions else source
+
+
+def _open_layout(path: str, opts: SourceOptions) -> Source:
     if not os.path.exists(path):
         raise ConfigError(f"source {path} does not exist")
     lower = path.lower()
