@@ -16,8 +16,8 @@ this script evaluates both final models with the same code (polymodal.eval), in 
   zero-shot   top-1 / top-5 on the CIFAR-10 and Fashion-MNIST test sets (10,000 each), CLIP_benchmark's
               class-embedding recipe with the writer's default prompt templates
 
-Ours is read from RUN_DIR/model.safetensors (polymodal.pretrain.export.load_exported); open_clip's from its
-checkpoints/epoch_1.pt, loaded by open_clip.create_model(..., pretrained=path) inside our clip objective. The
+Both are loaded as `polymodal eval` loads models: ours from its run folder (RUN_DIR/model.safetensors), open_clip's
+as open_clip:polymodal-tiny-vit:checkpoints/epoch_1.pt (open_clip.create_model(..., pretrained=path)). The
 claim to check: ours at least as good in no more wall-clock time.
 
 Runs alternate order by round (ours first, then open_clip first ...); the figures are per round and their mean.
@@ -60,23 +60,23 @@ def ensure_data(data_dir: Path) -> str:
     return "::".join(str(REPO / s) if not s.startswith("/") else s for s in specs)
 
 
-def evaluate(model, data_dir: Path) -> dict:
-    from polymodal.eval.retrieval import retrieval
-    from polymodal.eval.zeroshot import zeroshot_classification
+def evaluate(model, data_dir: Path, work: Path) -> dict:
+    from polymodal.eval.datasets import resolve_dataset
+    from polymodal.eval.tasks import TaskOptions, zeroshot_classification, zeroshot_retrieval
 
-    out = {"retrieval": retrieval(model, str(REPO / HELD_OUT), IMAGE_SIZE)}
+    opts = TaskOptions(num_workers=2, progress=False)
+    out = {"retrieval": zeroshot_retrieval(model, resolve_dataset(str(REPO / HELD_OUT), cache_dir=work), opts)}
     for name, spec in ZEROSHOT.items():
-        out[name] = zeroshot_classification(model, spec.replace("{d}", str(data_dir.resolve())), IMAGE_SIZE)
+        dataset = resolve_dataset(spec.replace("{d}", str(data_dir.resolve())), cache_dir=work)
+        out[name] = zeroshot_classification(model, dataset, opts)
     return out
 
 
 def load_models(ours_run_dir: str, peer_checkpoint: str):
-    from polymodal.pretrain.export import load_exported
-    from polymodal.pretrain.objectives import build_objective
+    """Both through `polymodal eval`'s model specs: our run folder, open_clip's checkpoint file."""
+    from polymodal.eval.encoders import load_encoder
 
-    ours = load_exported(Path(ours_run_dir) / "model.safetensors")
-    peer = build_objective({"name": "clip", "model": MODEL, "pretrained": peer_checkpoint}).eval()
-    return ours, peer
+    return load_encoder(ours_run_dir, IMAGE_SIZE), load_encoder(f"open_clip:{MODEL}:{peer_checkpoint}", IMAGE_SIZE)
 
 
 def headline(result: dict) -> dict:
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             runs[trainer] = run
         ours_model, peer_model = load_models(runs["ours"]["run_dir"], runs["open_clip"]["checkpoint"])
         for trainer, model in (("ours", ours_model), ("open_clip", peer_model)):
-            runs[trainer]["eval"] = evaluate(model, data_dir)
+            runs[trainer]["eval"] = evaluate(model, data_dir, work)
             runs[trainer]["figures"] = headline(runs[trainer]["eval"])
         rounds.append(runs)
     summary = print_table(rounds)

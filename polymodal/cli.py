@@ -337,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     report_arguments(rep)
     rep.set_defaults(func=cmd_report)
 
+    from polymodal.eval import cli as eval_cli
+
+    evaluate = commands.add_parser("eval", help="zero-shot, retrieval, linear probe and kNN evaluation",
+                                   description=eval_cli.DESCRIPTION, epilog=eval_cli.EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_cli.add_arguments(evaluate)
+
     ckpt = commands.add_parser("checkpoint", help="export or convert training checkpoints",
                                description="Work with the checkpoints in RUN_DIR/checkpoints.")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True, metavar="SUBCOMMAND")

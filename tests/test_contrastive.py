@@ -75,7 +75,7 @@ def test_demo_main_job_ends_with_a_retrieval_table(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert "retrieval on 411 held-out pairs" in done.stdout and "text->image" in done.stdout
     metrics = json.loads((tmp_path / "eval.json").read_text())["retrieval"]
-    assert metrics["pairs"] == 411
+    assert metrics["images"] == metrics["captions"] == 411
     assert 0 <= metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@5"] <= 1
 
 
@@ -136,20 +136,24 @@ def test_feature_cache_trains_under_zero2_and_is_refused_at_zero3(emoji_shards, 
     assert refused.returncode == 2 and "objective.feature_cache_chunk" in refused.stderr
 
 
-def test_zeroshot_matches_a_direct_computation(clip_run, data_root, tmp_path):
+def test_zeroshot_of_a_trained_run_matches_a_direct_computation(clip_run, data_root, tmp_path):
+    """The run folder is a model for `polymodal eval` (its training resolution comes with it)."""
     from polymodal.data.config import DataConfig
     from polymodal.data.pipeline import ShardLoader
     from polymodal.data.sources import SourceOptions, open_source
     from polymodal.data.writer import WriterOptions, write_shards
     from polymodal.distributed import Placement
-    from polymodal.eval.zeroshot import zeroshot_classification
-    from polymodal.pretrain.export import load_exported
+    from polymodal.eval.datasets import resolve_dataset
+    from polymodal.eval.encoders import load_encoder
+    from polymodal.eval.tasks import TaskOptions, zeroshot_classification
 
     source = open_source(str(data_root / "cifar10" / "test.tar.gz"), SourceOptions(limit=300))
     write_shards(source, tmp_path, WriterOptions(samples_per_shard=100, workers=1), split="test",
                  show_progress=False)
-    model = load_exported(clip_run / "model.safetensors")
-    metrics = zeroshot_classification(model, str(tmp_path / "test"), image_size=64)
+    model = load_encoder(str(clip_run))
+    assert model.image_size == 64 and model.has_text
+    dataset = resolve_dataset(str(tmp_path), cache_dir=tmp_path / "cache")
+    metrics = zeroshot_classification(model, dataset, TaskOptions(num_workers=1, progress=False))
     assert metrics["samples"] == 300 and 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
 
     classnames = (tmp_path / "classnames.txt").read_text().split("\n")[:10]

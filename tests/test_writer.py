@@ -110,6 +110,22 @@ def test_label_captions_from_class_names(tmp_path: Path, data_root: Path):
         open_source(str(data_root / "emoji" / "captions.jsonl"), SourceOptions(label_captions=["a {c}"]))
 
 
+def test_table_label_ids_with_display_names(tmp_path: Path, data_root: Path):
+    """ImageNet wnids as labels: their sorted order is the standard index; --classnames gives readable names."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    table = data_root / "imagenet-samples" / "captions_wordnet.jsonl"
+    source = open_source(str(table), SourceOptions(label_field="wnid", classnames=list(IMAGENET_CLASSNAMES),
+                                                   caption="{gloss}", limit=40))
+    write_shards(source, tmp_path, WriterOptions(samples_per_shard=40), show_progress=False)
+    wnids = sorted(json.loads(line)["wnid"] for line in table.read_text().splitlines())
+    samples = read_with_webdataset(tmp_path)
+    assert len(samples) == 40
+    for sample in samples:  # the wnid is the image name's prefix (the label field itself becomes .cls)
+        assert wnids[int(sample["cls"])] == json.loads(sample["json"])["source"].split("_")[0]
+    assert (tmp_path / "classnames.txt").read_text().splitlines()[:2] == ["tench", "goldfish"]
+
+
 def test_mnist_npz(tmp_path: Path, data_root: Path):
     source = open_source(str(data_root / "mnist10k" / "mnist10k_npm.npz"), SourceOptions(limit=1200))
     stats = write_shards(source, tmp_path, WriterOptions(samples_per_shard=500), show_progress=False)

@@ -1,7 +1,7 @@
 """The reading pipeline: shards -> decoded, augmented, batched samples, with a resumable position.
 
     loader = ShardLoader(DataConfig(shards=["data/{0..9}.tar"], modalities=["rgb", "caption"]))
-    for batch in loader:          # dict: "rgb" uint8 [B,3,H,W], "caption" list[str], "__key__" list[str]
+    for batch in loader:  # dict: "rgb" uint8 [B,3,H,W], "caption" list[str], "__key__"/"__url__" list[str]
         ...
     state = loader.state_dict()   # JSON-serialisable; save it with the checkpoint
     loader.load_state_dict(state) # in a fresh process: continues with exactly the batches that came next
@@ -49,7 +49,7 @@ class SampleDecoder:
         self.tokenizer = tokenizer
 
     def __call__(self, raw: RawSample, rng) -> dict[str, Any]:
-        sample: dict[str, Any] = {"__key__": raw["__key__"]}
+        sample: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
         images = {}
         for modality, required in self.wanted:
             ext = modality.find(raw)

@@ -181,7 +181,11 @@ def _table_classes(rows: list[dict], field: str | None,
     values = [r[field] for r in rows if r.get(field) is not None]
     if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
         return classnames, None
-    names = classnames or sorted({str(v) for v in values}, key=natural_key)
+    found = sorted({str(v) for v in values}, key=natural_key)
+    if classnames and not set(found) <= set(classnames) and len(found) == len(classnames):
+        # Labels are ids (e.g. ImageNet wnids): their sorted order is the index, classnames are the display names.
+        return classnames, {label: i for i, label in enumerate(found)}
+    names = classnames or found
     return names, {name: i for i, name in enumerate(names)}
 
 

@@ -105,6 +105,21 @@ def init_distributed(timeout_minutes: float = 30) -> World:
     return World(rank, world_size, local_rank, device, backend, launcher)
 
 
+def start_process_group(timeout_minutes: float = 30) -> World:
+    """Plain torch.distributed (no DeepSpeed) under any launcher; a single process starts no group at all."""
+    launcher = _fill_environment()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if world_size > 1:
+        torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return World(rank, world_size, local_rank, device, backend, launcher)
+
+
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

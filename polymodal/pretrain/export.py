@@ -44,6 +44,8 @@ def export_safetensors(path: Path, out: Path) -> Path:
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     metadata = {"format": "pt", "polymodal.objective": json.dumps(marker["objective"]),
                 "polymodal.step": str(marker["step"])}
+    if marker.get("image_size"):  # the training resolution, the default for evaluation
+        metadata["polymodal.image_size"] = str(marker["image_size"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -68,17 +70,24 @@ def export_open_clip(path: Path, out: Path) -> Path:
     return out
 
 
-def load_exported(path: str | Path):
-    """The objective module with the exported weights (no DeepSpeed, no distributed)."""
+def exported_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an exported file: polymodal.objective (JSON), polymodal.step, polymodal.image_size."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from polymodal.pretrain.objectives import build_objective
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if "polymodal.objective" not in metadata:
         raise ConfigError(f"{path} was not written by polymodal (no objective in its metadata)")
+    return metadata
+
+
+def load_exported(path: str | Path):
+    """The objective module with the exported weights (no DeepSpeed, no distributed)."""
+    from safetensors.torch import load_file
+
+    from polymodal.pretrain.objectives import build_objective
+
+    metadata = exported_metadata(path)
     objective = build_objective(json.loads(metadata["polymodal.objective"]))
     objective.load_state_dict(load_file(str(path)), strict=True)
     return objective.eval()

@@ -108,25 +108,32 @@ class StopFlag:
 
 
 def evaluate_exported(cfg: PretrainConfig, weights: Path, runlog: RunLog) -> dict:
-    """Retrieval and zero-shot on held-out data with the exported weights (which also proves the export)."""
+    """Retrieval and zero-shot on held-out data with the exported weights (which also proves the export).
+
+    Runs on rank 0 alone (the others wait at a barrier), so the tasks run undistributed.
+    """
     import json
 
-    from polymodal.eval.retrieval import retrieval
-    from polymodal.eval.zeroshot import zeroshot_classification
-    from polymodal.pretrain.export import load_exported
+    from polymodal.eval.datasets import resolve_dataset
+    from polymodal.eval.encoders import load_encoder
+    from polymodal.eval.tasks import TaskOptions, cache_folder, zeroshot_classification, zeroshot_retrieval
 
-    model = load_exported(weights)
+    model = load_encoder(str(weights), cfg.data.image_size)
+    opts = TaskOptions(num_workers=min(cfg.data.num_workers, 2), progress=cfg.log.progress, distributed=False)
+    cache = cache_folder(None) / "datasets"
     results, lines = {}, []
     if cfg.evaluate.retrieval_shards:
-        metrics = results["retrieval"] = retrieval(model, cfg.evaluate.retrieval_shards, cfg.data.image_size)
-        lines += [f"retrieval on {metrics['pairs']} held-out pairs ({cfg.evaluate.retrieval_shards}):",
+        dataset = resolve_dataset(cfg.evaluate.retrieval_shards, cache_dir=cache)
+        metrics = results["retrieval"] = zeroshot_retrieval(model, dataset, opts)
+        lines += [f"retrieval on {metrics['images']} held-out pairs ({cfg.evaluate.retrieval_shards}):",
                   f"{'':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
         for label, key in (("text->image", "image_retrieval"), ("image->text", "text_retrieval")):
             lines.append(f"{label:<14}" + "".join(f"{100 * metrics[f'{key}_recall@{k}']:>7.1f}%" for k in (1, 5, 10)))
     if cfg.evaluate.zeroshot:
         lines.append(f"zero-shot classification:{'':<15}{'top-1':>8}{'top-5':>8}{'mean recall':>13}")
         for shards in cfg.evaluate.zeroshot:
-            metrics = results[f"zeroshot:{shards}"] = zeroshot_classification(model, shards, cfg.data.image_size)
+            dataset = resolve_dataset(shards, cache_dir=cache)
+            metrics = results[f"zeroshot:{shards}"] = zeroshot_classification(model, dataset, opts)
             lines.append(f"  {shards[-36:]:<38}{100 * metrics['acc1']:>7.1f}%{100 * metrics['acc5']:>7.1f}%"
                          f"{100 * metrics['mean_per_class_recall']:>12.1f}%")
     (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
@@ -196,7 +203,7 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
 
     def save(step: int, kill: bool = False) -> Path:
         meta = {"world_size": world.world_size, "zero_stage": stage, "precision": precision,
-                "objective": cfg.objective, "epoch": loader.epoch,
+                "objective": cfg.objective, "image_size": cfg.data.image_size, "epoch": loader.epoch,
                 "progress": {"samples": samples_seen, "skipped_steps": skipped_total}}
         path = checkpoint.save(engine.ds, run_dir, step, world.rank, {"data": loader.state_dict()}, meta,
                                cfg.checkpoint.keep, kill_before_marker=kill)

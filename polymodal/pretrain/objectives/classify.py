@@ -42,6 +42,10 @@ class Classify(Objective):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1) * 255, persistent=False)
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features before the classifier, of normalised images (for linear probe and kNN)."""
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = (batch["rgb"].to(self.mean.dtype) - self.mean) / self.std
         logits = self.model(images.to(next(self.model.parameters()).dtype))

