@@ -366,7 +366,7 @@ def _median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
-def summarize(args, runs: dict, images: dict, accuracy_of: dict) -> dict:
+def summarize(args, runs: dict, images: dict, accuracy_of: dict, per_round_results: dict) -> dict:
     """Per part: each side's seconds (median, min-max), images/s, accuracy, the ratio peer/ours and the verdict."""
     out = {}
     for part, sides in runs.items():
@@ -381,6 +381,8 @@ def summarize(args, runs: dict, images: dict, accuracy_of: dict) -> dict:
                            "other_load": [r["other_load"] for r in sides[side]],
                            "disturbed_runs": sum(r["disturbed"] for r in sides[side])}
             entry[side].update(accuracy_of[part][side])
+            if "acc1" in accuracy_of[part][side]:  # every round computes the same numbers, up to float noise
+                entry[side]["acc1_per_round"] = [r.get("acc1") for r in per_round_results[part][side]]
         per_round = [p["seconds"] / o["seconds"] for o, p in zip(sides["ours"], sides["peer"])]
         entry["ratio"] = entry["peer"]["seconds"] / entry["ours"]["seconds"]
         entry["ratio_per_round"] = per_round
@@ -579,7 +581,7 @@ def main(argv=None) -> int:
                                   "disturbed": f["disturbed"] or p["disturbed"]}
                                  for f, p in zip(runs["features"][s], runs["probe_fit"][s])] for s in SIDES}
         results["probe_e2e"] = results["probe_fit"]
-    # Accuracy of each side: the first round's (every round computes the same numbers).
+    # Accuracy of each side: the first round's (the JSON has every round's).
     accuracy_of = {}
     for part in runs:
         if part == "features":
@@ -587,14 +589,15 @@ def main(argv=None) -> int:
         else:
             accuracy_of[part] = {s: results[part][s][0] for s in SIDES}
     images = {"zeroshot": test_images, "features": (test_images or 0) + (train_images or 0)}
-    res = summarize(args, runs, images, accuracy_of)
+    res = summarize(args, runs, images, accuracy_of, results)
     feature_check = None
     if peer and "peer" in feats:
         o, p = feats["ours"], feats["peer"]
+        n = int(max(o["test"][1].max(), p["test"][1].max())) + 1
         feature_check = {"train_count": [len(o["train"][0]), len(p["train"][0])],
                          "test_count": [len(o["test"][0]), len(p["test"][0])],
-                         "label_histogram_equal": bool(torch.equal(torch.bincount(o["test"][1], minlength=10),
-                                                                   torch.bincount(p["test"][1], minlength=10)))}
+                         "test_label_histogram_equal": bool(torch.equal(torch.bincount(o["test"][1], minlength=n),
+                                                                        torch.bincount(p["test"][1], minlength=n)))}
     meta = {"model_desc": model_desc, "test_images": test_images, "train_images": train_images}
     print_table(args, res, meta)
     goal_parts = [p for p in ("zeroshot", "probe_fit") if p in res]
