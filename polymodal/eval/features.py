@@ -52,7 +52,7 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-def _world(opts: RunOptions) -> Placement:
+def world_for(opts: RunOptions) -> Placement:
     import torch.distributed as dist
 
     if opts.distributed and dist.is_available() and dist.is_initialized():
@@ -60,7 +60,8 @@ def _world(opts: RunOptions) -> Placement:
     return Placement()
 
 
-def _gather(local: dict[str, Any], world: Placement) -> list[dict[str, Any]]:
+def gather_objects(local: dict[str, Any], world: Placement) -> list[dict[str, Any]]:
+    """Every rank's `local`, in rank order, on every rank."""
     if world.world_size == 1:
         return [local]
     import torch.distributed as dist
@@ -84,7 +85,7 @@ def extract_features(encoder, shards: str, opts: RunOptions, *, labels: bool = F
     if cache is not None and cache.is_file():
         log.info("features from cache %s", cache)
         return Features(**torch.load(cache, map_location="cpu", weights_only=False))
-    world = _world(opts)
+    world = world_for(opts)
     urls = expand_shards(shards)
     readers = min(world.world_size, len(urls))
     modalities = ["rgb"] + (["label"] if labels else []) + (["caption"] if captions else [])
@@ -113,7 +114,7 @@ def extract_features(encoder, shards: str, opts: RunOptions, *, labels: bool = F
             bar.close()
     for key in ("image", "labels"):
         local[key] = torch.cat(local[key]) if local[key] else None
-    parts = [p for p in _gather(local, world) if p["ids"]]
+    parts = [p for p in gather_objects(local, world) if p["ids"]]
     if not parts:
         raise ConfigError(f"no samples with {', '.join(modalities)} could be read from {shards} (see the skipped "
                           "samples logged above; `polymodal data inspect` shows what the shards hold)")

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from polymodal.data.errors import ConfigError
 from polymodal.eval.datasets import EvalDataset
-from polymodal.eval.features import Features, RunOptions, autocast, cache_path, extract_features
+from polymodal.eval.features import (Features, RunOptions, autocast, cache_path, extract_features,
+                                      gather_objects, world_for)
 from polymodal.eval.metrics import classification_metrics
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "knn")
@@ -51,9 +52,7 @@ def _features(encoder, shards: str, opts: TaskOptions, **what) -> Features:
 @torch.no_grad()
 def encode_texts(encoder, texts: list[str], opts: TaskOptions) -> torch.Tensor:
     """Normalised embeddings of `texts` [len, D]; each rank encodes a contiguous slice, then all are gathered."""
-    from polymodal.eval.features import _gather, _world
-
-    world = _world(opts)
+    world = world_for(opts)
     per_rank = -(-len(texts) // world.world_size)
     mine = texts[world.rank * per_rank:(world.rank + 1) * per_rank]
     tokenize, device = encoder.tokenizer(), torch.device(opts.device)
@@ -63,7 +62,7 @@ def encode_texts(encoder, texts: list[str], opts: TaskOptions) -> torch.Tensor:
         with autocast(device, opts.precision):
             out.append(encoder.encode_text(tokens.to(device)).float().cpu())
     local = torch.cat(out) if out else None
-    parts = [p["text"] for p in _gather({"text": local}, world) if p["text"] is not None]
+    parts = [p["text"] for p in gather_objects({"text": local}, world) if p["text"] is not None]
     return torch.cat(parts)
 
 

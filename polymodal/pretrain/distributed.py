@@ -87,37 +87,34 @@ def use_cpu_accelerator_if_no_gpu() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed(timeout_minutes: float = 30) -> World:
-    use_cpu_accelerator_if_no_gpu()
+def _local_world() -> tuple[int, int, int, torch.device, str, str]:
+    """Rank, world size, local rank, this rank's device and backend, launcher: from the launcher's environment."""
     launcher = _fill_environment()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+        return rank, world_size, local_rank, torch.device("cuda", torch.cuda.current_device()), "nccl", launcher
+    return rank, world_size, local_rank, torch.device("cpu"), "gloo", launcher
+
+
+def init_distributed(timeout_minutes: float = 30) -> World:
+    use_cpu_accelerator_if_no_gpu()
+    world = World(*_local_world())
 
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+    deepspeed.init_distributed(dist_backend=world.backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(minutes=timeout_minutes))
-    return World(rank, world_size, local_rank, device, backend, launcher)
+    return world
 
 
 def start_process_group(timeout_minutes: float = 30) -> World:
     """Plain torch.distributed (no DeepSpeed) under any launcher; a single process starts no group at all."""
-    launcher = _fill_environment()
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if world_size > 1:
-        torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
-    return World(rank, world_size, local_rank, device, backend, launcher)
+    world = World(*_local_world())
+    if world.world_size > 1:
+        torch.distributed.init_process_group(world.backend, timeout=timedelta(minutes=timeout_minutes))
+    return world
 
 
 def shutdown() -> None:
