@@ -20,7 +20,8 @@ Both are loaded as `polymodal eval` loads models: ours from its run folder (RUN_
 as open_clip:polymodal-tiny-vit:checkpoints/epoch_1.pt (open_clip.create_model(..., pretrained=path)). The
 claim to check: ours at least as good in no more wall-clock time.
 
-Runs alternate order by round (ours first, then open_clip first ...); the figures are per round and their mean.
+Runs alternate order by round (ours first, then open_clip first ...) and each round uses the next seed (weights and
+data order, the same for both trainers); the figures are per round and their mean.
 The machine may be shared: the script waits for it to go quiet before each run and records the share of the
 CPUs other processes used meanwhile.
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="data workers of both trainers")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPUs)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of one run per trainer, order alternating")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of round 1; round r uses seed + r - 1")
     parser.add_argument("--data-dir", default="bench-out/mixed", help="the mixed set (built there once)")
     parser.add_argument("--peer-webdataset", default="/tmp/wds0286",
                         help="webdataset 0.2.86 for open_clip_train (installed there if missing)")
@@ -141,13 +142,15 @@ def main(argv=None) -> int:
     rounds = []
     for rnd in range(args.rounds):
         order = ("ours", "open_clip") if rnd % 2 == 0 else ("open_clip", "ours")
+        # Each round is a new seed (weights and data order) for both trainers, so the means average over seeds.
+        seeded = argparse.Namespace(**{**vars(args), "seed": args.seed + rnd})
         runs = {}
         for trainer in order:
             waited = wait_quiet(args.max_other_load, args.max_wait)
             tag = f"r{rnd + 1}"
-            run = (run_ours(args, shards, work, tag, extra=("checkpoint.export=true",)) if trainer == "ours"
-                   else run_peer(args, shards, work, tag, wds_dir))
-            run["waited_s"] = waited
+            run = (run_ours(seeded, shards, work, tag, extra=("checkpoint.export=true", f"data.seed={seeded.seed}"))
+                   if trainer == "ours" else run_peer(seeded, shards, work, tag, wds_dir))
+            run["waited_s"], run["seed"] = waited, seeded.seed
             print(f"[round {rnd + 1}] {trainer:<9} {run['wall_s']:.0f}s wall, final loss "
                   f"{run['steps'][-1]['loss']:.3f}, other processes "
                   f"{100 * (run['other_load'] or 0):.0f}% of the CPUs", flush=True)

@@ -16,8 +16,12 @@ from the shard folder to the metrics, with the same batch size, data workers and
                         F.normalize(model.encode_image(x)) over the same wds DataLoader as above), minus its
                         .cuda() (it asserts a GPU) and its on-disk feature cache
   probe fit      ours   polymodal.eval.linear_probe.linear_probe(train_x, train_y, test_x, test_y, seed=S): the
-                        default C grid (1e-4 ... 1e4) on a stratified 80/20 split of train, refit on all of train
-                        with the best C, scored on test; multinomial L2 logistic regression by L-BFGS in torch
+                        default C grid (1e-4 ... 1e4) from the smallest C up on a stratified 80/20 split of train,
+                        stopping 2 C's past the best validation accuracy (as `polymodal eval` does by default),
+                        refit on all of train with the best C, scored on test; multinomial L2 logistic regression
+                        by L-BFGS in torch
+  probe fit,     ours   the same with patience=None: every C of the grid, as scikit-learn below, so this ratio is
+  every C               the solver's alone; the peer's time is the same scikit-learn run as in "probe fit"
                  peer   scikit-learn LogisticRegression(C=C, max_iter=1000) (lbfgs, tol 1e-4) for every C of the same
                         grid, on the same features, the same split (linear_probe.stratified_split, same seed) and the
                         same standardisation (train mean and population std; constant dimensions left alone); best
@@ -310,11 +314,12 @@ def peer_features(peer, shards_dir: Path, args) -> dict:
     return out
 
 
-def ours_probe(feats: dict, args) -> dict:
-    from polymodal.eval.linear_probe import linear_probe
+def ours_probe(feats: dict, args, full_sweep: bool = False) -> dict:
+    from polymodal.eval.linear_probe import DEFAULT_PATIENCE, linear_probe
 
     (train_x, train_y), (test_x, test_y) = feats["train"], feats["test"]
-    r = linear_probe(train_x, train_y, test_x, test_y, seed=args.seed)
+    r = linear_probe(train_x, train_y, test_x, test_y, seed=args.seed,
+                     patience=None if full_sweep else DEFAULT_PATIENCE)
     return {**{k: r[k] for k in METRICS}, "best_C": r["best_C"],
             "val_acc1_per_C": {str(c): v for c, v in r["val_acc1_per_C"].items()}}
 
@@ -397,9 +402,9 @@ def summarize(args, runs: dict, images: dict, accuracy_of: dict, per_round_resul
 
 
 PART_TITLES = {"zeroshot": "zero-shot (test)", "features": "features (train+test)", "probe_fit": "probe fit",
-               "probe_e2e": "probe end to end"}
+               "probe_fit_full": "probe fit, every C", "probe_e2e": "probe end to end"}
 PEER_NAMES = {"zeroshot": "CLIP_benchmark", "features": "CLIP_bench-style", "probe_fit": "scikit-learn",
-              "probe_e2e": "CB feats+sklearn"}
+              "probe_fit_full": "scikit-learn", "probe_e2e": "CB feats+sklearn"}
 
 
 def print_table(args, res: dict, meta: dict) -> None:
@@ -536,7 +541,7 @@ def main(argv=None) -> int:
           f"{args.batch_size}, {args.workers} workers, {args.threads} threads; {args.rounds} round(s)"
           + ("" if peer else "; not an open_clip two-tower model: only the probe fit is compared"), flush=True)
 
-    parts = ["zeroshot", "features", "probe_fit"] if peer else ["features", "probe_fit"]
+    parts = (["zeroshot", "features"] if peer else ["features"]) + ["probe_fit", "probe_fit_full"]
     runs: dict = {p: {s: [] for s in SIDES} for p in parts}
     results: dict = {p: {s: [] for s in SIDES} for p in parts}
     feats: dict = {}
@@ -547,6 +552,11 @@ def main(argv=None) -> int:
             for side in order:
                 if part == "features" and side == "peer" and peer is None:
                     continue
+                if part == "probe_fit_full" and side == "peer":  # the same scikit-learn fit: reuse its run
+                    runs[part][side].append(runs["probe_fit"]["peer"][rnd])
+                    results[part][side].append(results["probe_fit"]["peer"][rnd])
+                    details[part][side] = details["probe_fit"]["peer"]
+                    continue
                 if part == "zeroshot":
                     fn = (lambda: ours_zeroshot(encoder, shards_dir, args)) if side == "ours" else \
                         (lambda: peer_zeroshot(peer, shards_dir, args))
@@ -554,7 +564,8 @@ def main(argv=None) -> int:
                     fn = (lambda: ours_features(encoder, shards_dir, args)) if side == "ours" else \
                         (lambda: peer_features(peer, shards_dir, args))
                 else:  # both fits on our features (of the first round: every round's are the same)
-                    fn = (lambda: ours_probe(feats["ours"], args)) if side == "ours" else \
+                    full = part == "probe_fit_full"
+                    fn = (lambda: ours_probe(feats["ours"], args, full)) if side == "ours" else \
                         (lambda: sklearn_probe(feats["ours"], args))
                 result, rec = timed(args, fn)
                 runs[part][side].append(rec)

@@ -344,6 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     eval_cli.add_arguments(evaluate)
 
+    from polymodal.embed import cli as embed_cli
+
+    embed = commands.add_parser("embed", help="embeddings of shards, image folders or caption files "
+                                "(clip-retrieval layout)", description=embed_cli.EMBED_DESCRIPTION,
+                                epilog=embed_cli.EMBED_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    embed_cli.add_embed_arguments(embed)
+    index = commands.add_parser("index", help="build a faiss index over `polymodal embed` output",
+                                description="Build OUT/image.index and/or OUT/text.index (faiss, inner product: "
+                                            "cosine for normalised embeddings) from the finished parts of OUT.",
+                                epilog="example: polymodal index emb/pairs --factory IVF256,Flat")
+    embed_cli.add_index_arguments(index)
+    search = commands.add_parser("search", help="nearest neighbours of a text or image query in an index",
+                                 description="Encode QUERY (text, or an image file) with the model that made the "
+                                             "embeddings and print the top-k rows: score, key and caption.",
+                                 epilog='example: polymodal search "a red car" --embeddings emb/pairs -k 5')
+    embed_cli.add_search_arguments(search)
+
     ckpt = commands.add_parser("checkpoint", help="export or convert training checkpoints",
                                description="Work with the checkpoints in RUN_DIR/checkpoints.")
     ckpt_commands = ckpt.add_subparsers(dest="checkpoint_command", required=True, metavar="SUBCOMMAND")

@@ -103,6 +103,21 @@ def test_align_lit_with_pretrained_towers_keeps_locked_weights(emoji_shards, tmp
     assert not torch.equal(trained.text.net.state_dict()[last], text.state_dict()[last])  # unlocked, trained
 
 
+def test_text_tower_drops_shared_padding_without_changing_embeddings():
+    # The pretrained MiniLM with its own tokenizer, context 64: real prompts use ~10 of the 64 positions.
+    from polymodal.models.dual_encoder import TextTower
+
+    tower = TextTower("all-minilm-l6-v2", pretrained=True, context_length=64, bert={}).eval()
+    tokens = torch.stack([tower.tokenize(t) for t in ("a photo of a cat.", "an emoji of a grinning face with big eyes")])
+    assert tokens.shape == (2, 64) and int((tokens != tower.pad_id).sum(dim=1).max()) < 20
+    with torch.no_grad():
+        trimmed = tower(tokens)
+        mask = (tokens != tower.pad_id).long()  # the full-length computation the trimming replaces
+        states = tower.net(input_ids=tokens, attention_mask=mask).last_hidden_state
+        full = (states * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(trimmed, full, rtol=1e-4, atol=1e-5)
+
+
 def test_feature_cache_gives_the_same_loss_and_gradients():
     from polymodal.pretrain.objectives import build_objective
 

@@ -15,7 +15,8 @@ from threadpoolctl import threadpool_limits
 
 from polymodal.data.idx import read_idx
 from polymodal.eval.knn import knn_classify, knn_scores
-from polymodal.eval.linear_probe import few_shot_indices, fit_softmax_regression, linear_probe, stratified_split
+from polymodal.eval.linear_probe import (DEFAULT_CS, few_shot_indices, fit_softmax_regression, linear_probe,
+                                         stratified_split)
 
 CS = (1e-3, 1e-2, 1e-1, 1.0)
 
@@ -58,7 +59,8 @@ def _standardised(fashion) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_probe_matches_sklearn_sweep(fashion):
-    ours = linear_probe(fashion["train_x"], fashion["train_y"], fashion["test_x"], fashion["test_y"], regs=CS)
+    ours = linear_probe(fashion["train_x"], fashion["train_y"], fashion["test_x"], fashion["test_y"], regs=CS,
+                        patience=None)
 
     train_x, test_x = _standardised(fashion)
     train_y, test_y = fashion["train_y"].numpy(), fashion["test_y"].numpy()
@@ -76,6 +78,21 @@ def test_probe_matches_sklearn_sweep(fashion):
     assert abs(ours["acc1"] - sk_acc1) <= 0.01, (ours, sk_acc1)
     assert ours["acc1"] > 0.78  # measured 0.812 (sklearn 0.812); chance is 0.1
     assert ours["acc1"] <= ours["acc5"] and 0.7 < ours["mean_per_class_recall"] <= 1
+
+
+def test_sweep_stops_past_the_peak_with_the_same_result(fashion):
+    # The default grid from 1e-4 up: the early-stopped sweep tries a prefix of it, ends `patience` C's after its
+    # best, and (warm starts follow the same path) picks the same C with the same test numbers as the full sweep.
+    args = (fashion["train_x"], fashion["train_y"], fashion["test_x"], fashion["test_y"])
+    early = linear_probe(*args, patience=2)
+    grid = sorted(DEFAULT_CS)
+    tried = sorted(early["val_acc1_per_C"])
+    assert tried == grid[:len(tried)] and len(tried) < len(grid), tried
+    assert tried.index(early["best_C"]) == len(tried) - 3, early["val_acc1_per_C"]
+    full = linear_probe(*args, patience=None)
+    assert sorted(full["val_acc1_per_C"]) == grid
+    assert full["best_C"] == early["best_C"]
+    assert (full["acc1"], full["acc5"]) == (early["acc1"], early["acc5"])
 
 
 def test_penalty_is_sklearn_C(fashion):

@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classnames", default=None,
                         help="class names, a file or a comma-separated list (default: the dataset's classnames.txt)")
     parser.add_argument("--few-shot", type=int, default=None, help="linear probe: k training samples per class")
+    parser.add_argument("--probe-c", type=float, action="append", default=None, metavar="C",
+                        help="linear probe: a C (inverse L2 strength) to sweep, repeatable (default: 1e-4 ... 1e4, "
+                             "one per decade)")
+    parser.add_argument("--probe-patience", type=int, default=2,
+                        help="linear probe: stop the C sweep after this many C's in a row without a better "
+                             "validation accuracy; 0 sweeps them all (default: %(default)s)")
     parser.add_argument("--knn-k", type=int, default=20, help="kNN neighbours (default: %(default)s)")
     parser.add_argument("--knn-temperature", type=float, default=0.07, help="kNN vote temperature (default: 0.07)")
     parser.add_argument("--seed", type=int, default=0,
@@ -100,7 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         opts = TaskOptions(batch_size=args.batch_size, num_workers=args.workers, device=device,
                            precision=args.precision, progress=not args.quiet and world.is_main,
                            cache_dir=None if args.no_cache else str(cache / "features"), few_shot=args.few_shot,
-                           knn_k=args.knn_k, knn_temperature=args.knn_temperature, seed=args.seed)
+                           probe_cs=args.probe_c, probe_patience=args.probe_patience or None, knn_k=args.knn_k,
+                           knn_temperature=args.knn_temperature, seed=args.seed)
         t0 = time.perf_counter()
         # Encoding runs under no_grad; not inference_mode, whose tensors the linear probe could not fit on.
         results = run_suite(args.model, lambda spec: _load(spec, args.image_size, args.seed, device), datasets,

@@ -58,7 +58,7 @@ def _first_file(path: Path) -> str:
         raise ConfigError(f"dataset {path}: not a readable tar file ({exc})") from None
 
 
-def _is_raw(path: Path) -> bool:
+def is_raw_source(path: Path) -> bool:
     """A layout to convert, rather than shards: a shard's members are KEY.EXT at the top level, an image-folder
     tarball's are CLASS/NAME.EXT."""
     if path.is_dir():
@@ -98,7 +98,7 @@ def resolve_dataset(spec: str, *, train: str | None = None, cache_dir: Path, cla
     if rest and not Path(spec).exists():
         name, spec = name or name_given, rest
     path = Path(spec)
-    if path.exists() and _is_raw(path):
+    if path.exists() and is_raw_source(path):
         path = convert_raw(spec, cache_dir, classnames, quiet)
     if path.is_dir() and (path / "test").is_dir() and not _has_shards(path):
         test_folder, root = path / "test", path
@@ -110,7 +110,7 @@ def resolve_dataset(spec: str, *, train: str | None = None, cache_dir: Path, cla
         expand_shards(spec)  # a pattern or glob: fails with a clear message when nothing matches
         test_folder = path.parent
         root = _metadata_folder(path.parent)
-    if train is not None and Path(train).exists() and _is_raw(Path(train)):
+    if train is not None and Path(train).exists() and is_raw_source(Path(train)):
         train = str(convert_raw(train, cache_dir, classnames, quiet))
     test = str(test_folder) if path.is_dir() else spec
     expand_shards(test)

@@ -1,6 +1,7 @@
 """Models to evaluate, behind one interface: `Encoder`.
 
-`encode_image(rgb)` takes the pipeline's uint8 batch [B, 3, H, W] and returns L2-normalised features;
+`encode_image(rgb)` takes the pipeline's uint8 batch [B, 3, H, W] and returns L2-normalised features (raw ones with
+normalize=False);
 `encode_text(tokens)` (two-tower models only) likewise; `tokenizer()` is the str -> tokens callable the data
 workers apply. Image-only encoders (timm, EfficientNet-Lite0, our supervised checkpoints) get linear probe and
 kNN; two-tower ones get zero-shot classification and retrieval too.
@@ -45,14 +46,17 @@ class Encoder(nn.Module):
     def tokenizer(self):
         return self._tokenizer
 
-    def encode_image(self, rgb: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, rgb: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         images = (rgb.to(self.mean.dtype) - self.mean) / self.std
-        return F.normalize(self.image_fn(images).float(), dim=-1)
+        features = self.image_fn(images).float()
+        return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         if self.text_fn is None:
-            raise ConfigError(f"model {self.name} has no text tower: zero-shot tasks need an image-text model")
-        return F.normalize(self.text_fn(tokens).float(), dim=-1)
+            raise ConfigError(f"model {self.name} has no text tower: text embeddings and zero-shot tasks need an "
+                              "image-text model")
+        features = self.text_fn(tokens).float()
+        return F.normalize(features, dim=-1) if normalize else features
 
 
 class _Call(nn.Module):

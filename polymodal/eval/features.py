@@ -96,7 +96,7 @@ def extract_features(encoder, shards: str, opts: RunOptions, *, labels: bool = F
                          num_workers=opts.num_workers, shuffle_shards=False, shuffle_buffer=0,
                          image_size=encoder.image_size, augment=False)
         loader = ShardLoader(cfg, where=Placement(world.rank, readers))
-        total = _count_samples(urls) if opts.progress and world.rank == 0 else None
+        total = count_samples(urls) if opts.progress and world.rank == 0 else None
         bar = _progress(total, f"encoding {Path(urls[0]).parent.name or shards}") if opts.progress and \
             world.rank == 0 else None
         for batch in loader:
@@ -135,11 +135,15 @@ def extract_features(encoder, shards: str, opts: RunOptions, *, labels: bool = F
     return features
 
 
-def _count_samples(urls: list[str]) -> int | None:
+def count_samples(urls: list[str]) -> int | None:
     """From the writer's stats.json beside the shards, when there is one (no extra pass over the data)."""
     stats = Path(urls[0]).parent / "stats.json"
+    if len(set(Path(u).parent for u in urls)) != 1:
+        return None
     try:
-        return int(json.loads(stats.read_text())["samples"]) if len(set(Path(u).parent for u in urls)) == 1 else None
+        written = json.loads(stats.read_text())
+        # Only when the URLs are all the folder's shards (not e.g. one shard of four).
+        return int(written["samples"]) if int(written.get("shards", len(urls))) == len(urls) else None
     except (OSError, ValueError, KeyError):
         return None
 

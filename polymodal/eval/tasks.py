@@ -23,6 +23,7 @@ from polymodal.data.errors import ConfigError
 from polymodal.eval.datasets import EvalDataset
 from polymodal.eval.features import (Features, RunOptions, autocast, cache_path, extract_features,
                                       gather_objects, world_for)
+from polymodal.eval.linear_probe import DEFAULT_PATIENCE
 from polymodal.eval.metrics import classification_metrics
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "knn")
@@ -35,6 +36,7 @@ class TaskOptions(RunOptions):
     text_batch_size: int = 256
     few_shot: int | None = None  # linear probe: k training samples per class
     probe_cs: list[float] | None = None
+    probe_patience: int | None = DEFAULT_PATIENCE  # None sweeps every C
     knn_k: int = 20
     knn_temperature: float = 0.07
     seed: int = 0
@@ -125,7 +127,8 @@ def linear_probe(encoder, dataset: EvalDataset, opts: TaskOptions) -> dict:
     train, test = _train_and_test(encoder, dataset, opts, "linear_probe")
     device = torch.device(opts.device)
     result = probe(train.image.to(device), train.labels.to(device), test.image.to(device), test.labels.to(device),
-                   regs=opts.probe_cs, few_shot_k=opts.few_shot, seed=opts.seed, progress=opts.progress)
+                   regs=opts.probe_cs, patience=opts.probe_patience, few_shot_k=opts.few_shot, seed=opts.seed,
+                   progress=opts.progress)
     renamed = {f"lp_{k}": v for k, v in result.items() if k in ("acc1", "acc5", "mean_per_class_recall")}
     return {**renamed, **{k: v for k, v in result.items() if k not in ("acc1", "acc5", "mean_per_class_recall")}}
 
