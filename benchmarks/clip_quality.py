@@ -3,7 +3,8 @@
 Both trainers train polymodal-tiny-vit (ViT 64 px patch 8, 4+4 layers of width 256) from the same seed for the
 same number of steps, batch, learning-rate schedule and augmentation (the settings benchmarks/clip_step.py uses:
 AdamW lr 1e-3, weight decay 0.1, 15 warm-up steps then cosine, gradient clipping 1.0, RandomResizedCrop scale
-0.9-1.0, no flip), each reading the mixed image-text set with its own loader:
+0.9-1.0, no flip) and sample shuffle buffer (open_clip_train's 5,000, initial 1,000), each reading the mixed
+image-text set with its own loader:
 
   emoji pairs (polymodal/demo_data/train/{0..2}, 1,500 pairs), ImageNet samples with WordNet glosses (1,000),
   2,000 CIFAR-10 and 2,000 Fashion-MNIST training images with captions made from their class names; built once by
@@ -47,6 +48,10 @@ MODEL, IMAGE_SIZE = "polymodal-tiny-vit", 64
 TRAIN = ["polymodal/demo_data/train/{0..2}.tar.gz", "{d}/imagenet/{0..3}.tar", "{d}/cifar10-pairs/{0..7}.tar",
          "{d}/fmnist-pairs/{0..7}.tar"]
 HELD_OUT = "polymodal/demo_data/train/3.tar.gz"
+# open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFLE_SIZE / _INITIAL in open_clip_train/data.py), not our
+# default 500: with shards of one source each, a 500-sample buffer makes most batches single-source (64 CIFAR-10
+# captions over 10 class names), which changes what contrastive training learns. Same data means same mixing.
+OURS_EXTRA = ("checkpoint.export=true", "data.shuffle_buffer=5000", "data.shuffle_initial=1000")
 ZEROSHOT = {"CIFAR-10": "{d}/cifar10/test", "Fashion-MNIST": "{d}/fmnist/test"}
 
 
@@ -148,7 +153,7 @@ def main(argv=None) -> int:
         for trainer in order:
             waited = wait_quiet(args.max_other_load, args.max_wait)
             tag = f"r{rnd + 1}"
-            run = (run_ours(seeded, shards, work, tag, extra=("checkpoint.export=true", f"data.seed={seeded.seed}"))
+            run = (run_ours(seeded, shards, work, tag, extra=OURS_EXTRA + (f"data.seed={seeded.seed}",))
                    if trainer == "ours" else run_peer(seeded, shards, work, tag, wds_dir))
             run["waited_s"], run["seed"] = waited, seeded.seed
             print(f"[round {rnd + 1}] {trainer:<9} {run['wall_s']:.0f}s wall, final loss "

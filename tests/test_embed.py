@@ -100,8 +100,14 @@ def test_embeddings_equal_encoding_the_inputs_directly(emoji_shards, emoji_embed
         members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
     meta = pq.read_table(out / "metadata" / "metadata_2.parquet").to_pylist()
     rows = list(range(0, len(meta), 37))
-    images = torch.stack([preprocess(Image.open(io.BytesIO(members[next(n for n in members if n.startswith(
-        meta[i]["key"] + ".") and not n.endswith((".txt", ".json", ".cls")))])).convert("RGB")) for i in rows])
+
+    def load(key: str) -> Image.Image:
+        # The emoji are RGBA: over white, as polymodal decodes transparency (convert("RGB") keeps whatever colour
+        # the transparent pixels happen to hold).
+        rgba = Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+    images = torch.stack([preprocess(load(meta[i]["key"])) for i in rows])
     with torch.no_grad():
         direct_img = torch.nn.functional.normalize(model.encode_image(images), dim=-1).numpy()
         direct_text = torch.nn.functional.normalize(model.encode_text(tokenizer([meta[i]["caption"] for i in rows])),

@@ -90,6 +90,24 @@ def test_retrieval_with_several_captions_matches_reference(data_root: Path, tmp_
     assert metrics["text_retrieval_recall@10"] > metrics["text_retrieval_recall@1"]
 
 
+def test_text_encoding_skips_padding_with_the_same_embeddings():
+    # Our open_clip text path runs only the used prefix of the context; open_clip runs all of it.
+    from polymodal.eval.datasets import openai_imagenet_templates
+    from polymodal.eval.encoders import _TrimmedCausalText
+
+    torch.manual_seed(0)
+    encoder = load_encoder("open_clip:polymodal-tiny-vit")
+    model = encoder.image_fn.owner
+    assert isinstance(encoder.text_fn, _TrimmedCausalText)
+    prompts = [t.replace("{c}", name) for t in openai_imagenet_templates()[:40] for name in ("cat", "great white shark")]
+    tokens = torch.stack([torch.as_tensor(encoder.tokenizer()(p)) for p in prompts])
+    assert tokens.shape[1] == 32 and int(tokens.ne(0).sum(dim=1).max()) < 25  # the tiny config: context 32
+    with torch.no_grad():
+        ours = encoder.encode_text(tokens)
+        reference = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_image_only_model_refuses_zero_shot(cifar_test_shards: Path, tmp_path: Path):
     encoder = load_encoder("timm:resnet18", image_size=32)
     dataset = resolve_dataset(str(cifar_test_shards / "test" / "0.tar"), cache_dir=tmp_path)

@@ -57,7 +57,6 @@ def _replace(tmp: Path, final: Path) -> None:
 def write_part(out: Path, part: int, embeddings: dict[str, np.ndarray], metadata: list[dict[str, Any]],
                skipped: list[dict[str, Any]]) -> None:
     """Write one part; the metadata file goes last (see the module docstring)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for kind, array in embeddings.items():
@@ -75,8 +74,21 @@ def write_part(out: Path, part: int, embeddings: dict[str, np.ndarray], metadata
     final = metadata_path(out, part)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(metadata) if metadata else pa.table({"key": pa.array([], pa.string())}), tmp)
+    pq.write_table(_metadata_table(metadata), tmp)
     _replace(tmp, final)
+
+
+def _metadata_table(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    if not rows:
+        return pa.table({"key": pa.array([], pa.string())})
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # A field whose type varies between rows (a .json value that is 3 here and "3" there): store all as text.
+        return pa.Table.from_pylist([{k: v if v is None or k == "key" else str(v) for k, v in r.items()}
+                                     for r in rows])
 
 
 def check_info(out: Path, info: dict[str, Any]) -> bool:

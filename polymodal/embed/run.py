@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from polymodal.data.config import DataConfig
-from polymodal.data.errors import SkipCounter, skip_reason
+from polymodal.data.errors import SampleSkipped, SkipCounter, skip_reason
 from polymodal.data.tar_samples import iter_shard
 from polymodal.distributed import Placement
 from polymodal.embed.inputs import Inputs, Part
@@ -59,17 +59,22 @@ class _SkipList(SkipCounter):
 def shard_fields(raw: dict[str, Any]) -> dict[str, Any]:
     """The metadata of a shard sample: key, shard, caption (.txt), label (.cls), and a .json's scalar fields."""
     fields: dict[str, Any] = {"key": raw["__key__"], "shard": raw["__url__"]}
-    if "txt" in raw:
-        fields["caption"] = raw["txt"].decode("utf-8")
-    if "cls" in raw:
-        fields["label"] = int(raw["cls"].decode().strip())
-    if "json" in raw:
-        extra = json.loads(raw["json"])
-        if isinstance(extra, dict):
-            for name, value in extra.items():
-                if name not in fields:
-                    scalar = value is None or isinstance(value, (str, int, float, bool))
-                    fields[name] = value if scalar else json.dumps(value)
+    try:
+        if "txt" in raw:
+            fields["caption"] = raw["txt"].decode("utf-8")
+        if "cls" in raw:
+            fields["label"] = int(raw["cls"].decode().strip())
+        extra = json.loads(raw["json"]) if "json" in raw else None
+    except UnicodeDecodeError as exc:
+        raise SampleSkipped("bad_text", str(exc)) from None
+    except ValueError as exc:  # a .cls that is not an integer, a .json that does not parse
+        raise SampleSkipped("bad_label" if "cls" in raw and "label" not in fields else "transform_failed",
+                            str(exc)) from None
+    if isinstance(extra, dict):
+        for name, value in extra.items():
+            if name not in fields:
+                scalar = value is None or isinstance(value, (str, int, float, bool))
+                fields[name] = value if scalar else json.dumps(value)
     return fields
 
 
@@ -136,7 +141,8 @@ class PartReader(IterableDataset):
             rows.append(item)
             if len(rows) == self.batch_size:
                 yield self._emit(part, rows, skipped, last=False)
-                rows, skipped = [], []
+                rows = []
+                skipped.clear()  # in place: _rows keeps appending to this list
         yield self._emit(part, rows, skipped, last=True)
 
     def _emit(self, part: Part, rows: list[dict], skipped: list[dict], last: bool) -> dict[str, Any]:

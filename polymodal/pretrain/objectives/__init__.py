@@ -43,4 +43,4 @@ def build_objective(section: dict[str, Any]) -> Objective:
 
 def _import_builtins() -> None:
     # Imported lazily so that `polymodal data ...` does not pay for timm/open_clip imports.
-    from polymodal.pretrain.objectives import classify, contrastive  # noqa: F401
+    from polymodal.pretrain.objectives import classify, contrastive, spark  # noqa: F401
