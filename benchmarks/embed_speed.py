@@ -6,7 +6,8 @@ One process, one model (open_clip, built from the same spec and seed on both sid
   ours  polymodal.cli.main(["embed", ...]): loader workers read and decode whole shards (JPEGs decoded at reduced
         size when the model's input is smaller, resized with torch) while the main process encodes; per shard an
         img_emb .npy and a metadata parquet
-  peer  what a user writes around open_clip: for each shard, tarfile -> PIL.Image.open -> open_clip's eval
+  peer  what a user writes around open_clip: build the model and its eval transform (seeded as ours), then for
+        each shard, tarfile -> PIL.Image.open -> open_clip's eval
         transform (preprocess from create_model_and_transforms) -> batches of B -> model.encode_image ->
         F.normalize, all in one loop in the main process; then one .npy and one parquet of keys
 
@@ -58,7 +59,21 @@ def ensure_shards(args) -> str:
     return str(out.resolve() / f"{{0..{len(shards) - 1}}}.tar")
 
 
-def peer_embed(model, preprocess, urls: list[str], out: Path, batch_size: int) -> int:
+def build_peer(args, name: str, weights: str):
+    """open_clip's model and eval transform, as the user's script builds them (timed with the loop, as our side's
+    model loading is)."""
+    import open_clip
+    import torch
+
+    from polymodal.models import open_clip_towers
+
+    torch.manual_seed(args.seed)  # polymodal embed seeds the same way: identical random weights
+    model = open_clip_towers.create(name, weights or None).eval()
+    pre = model.visual.preprocess_cfg
+    return model, open_clip.image_transform(model.visual.image_size, is_train=False, mean=pre["mean"], std=pre["std"])
+
+
+def peer_embed(args, name: str, weights: str, urls: list[str], out: Path) -> int:
     """The straightforward loop: read, decode, transform and encode one after the other."""
     import numpy as np
     import pyarrow as pa
@@ -67,6 +82,8 @@ def peer_embed(model, preprocess, urls: list[str], out: Path, batch_size: int) -
     import torch.nn.functional as F
     from PIL import Image
 
+    model, preprocess = build_peer(args, name, weights)
+    batch_size = args.batch_size
     keys, embeddings, images, batch_keys = [], [], [], []
 
     def flush():
@@ -176,18 +193,12 @@ def main(argv=None) -> int:
     import torch
 
     from polymodal.data.shardlist import expand_shards
-    from polymodal.models import open_clip_towers
 
     torch.set_num_threads(args.threads)
     shards = ensure_shards(args)
     urls = expand_shards(shards)
     name, _, weights = rest.partition(":")
-    torch.manual_seed(args.seed)  # polymodal embed seeds the same way: identical random weights
-    model = open_clip_towers.create(name, weights or None).eval()
-    import open_clip
-
-    pre = model.visual.preprocess_cfg
-    preprocess = open_clip.image_transform(model.visual.image_size, is_train=False, mean=pre["mean"], std=pre["std"])
+    model, _ = build_peer(args, name, weights)  # warms the imports and open_clip's config registry for both sides
     work = Path(args.work_dir)
     print(f"[setup] {args.model} at {model.visual.image_size} px; {len(urls)} shards of {args.data}; batch "
           f"{args.batch_size}, {args.threads} threads, our loader workers {args.workers}; {args.rounds} round(s)",
@@ -198,7 +209,7 @@ def main(argv=None) -> int:
         for side in (("ours", "peer") if rnd % 2 == 0 else ("peer", "ours")):
             out = work / side
             fn = (lambda: ours_embed(args, shards, out)) if side == "ours" else \
-                (lambda: peer_embed(model, preprocess, urls, out, args.batch_size))
+                (lambda: peer_embed(args, name, weights, urls, out))
             rec = timed(args, fn)
             runs[side].append(rec)
             load = f", other processes {100 * rec['other_load']:.0f}% of the CPUs" if rec["other_load"] is not None \
