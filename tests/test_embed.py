@@ -241,3 +241,30 @@ def test_bad_input_gets_one_line(emoji_embedded, tmp_path):
     other = embed("--model", TINY_CLIP, "--input", info["inputs"], "--output", str(out), "--dtype", "float16",
                   check=False)
     assert other.returncode == 2 and "other settings (dtype" in other.stderr
+
+
+def test_image_folder_input_and_raw_embeddings(data_root, tmp_path):
+    # An image folder with class subfolders (60 real CIFAR-10 JPEGs), converted into shards once, embedded
+    # without normalisation in float32.
+    folder = tmp_path / "images"
+    with tarfile.open(data_root / "cifar10" / "test.tar.gz") as tar:
+        taken: dict[str, int] = {}
+        for member in tar:
+            parts = member.name.split("/")  # test/CLASS/NAME.jpg
+            if not member.isfile() or len(parts) != 3:
+                continue
+            label = parts[1]
+            if (label not in taken and len(taken) == 3) or taken.get(label) == 20:
+                continue  # 20 images of each of the first 3 classes
+            taken[label] = taken.get(label, 0) + 1
+            (folder / label).mkdir(parents=True, exist_ok=True)
+            (folder / label / parts[2]).write_bytes(tar.extractfile(member).read())
+    out = tmp_path / "emb"
+    done = embed(*RESNET, "--input", str(folder), "--output", str(out), "--no-normalize", "--dtype", "float32",
+                 "--cache-dir", str(tmp_path / "cache"))
+    assert "embedded 60 samples (img)" in done.stdout
+    meta = [m for p in sorted((out / "metadata").glob("*.parquet")) for m in pq.read_table(p).to_pylist()]
+    assert len(meta) == 60 and sorted({m["label"] for m in meta}) == [0, 1, 2]
+    emb = np.concatenate([np.load(p) for p in sorted((out / "img_emb").glob("*.npy"))])
+    assert emb.shape == (60, 512) and emb.dtype == np.float32
+    assert np.abs(np.linalg.norm(emb, axis=1) - 1).max() > 0.1  # raw features, not unit vectors
