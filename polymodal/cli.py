@@ -189,6 +189,10 @@ def cmd_checkpoint_export(args: argparse.Namespace) -> int:
         from polymodal.pretrain.export import export_open_clip
 
         out = export_open_clip(path, Path(args.out) if args.out else Path(args.run_dir) / "open_clip.safetensors")
+    elif args.format == "timm":
+        from polymodal.pretrain.export import export_timm
+
+        out = export_timm(path, Path(args.out) if args.out else Path(args.run_dir) / "timm_backbone.safetensors")
     else:
         out = export_safetensors(path, Path(args.out) if args.out else Path(args.run_dir) / "model.safetensors")
     print(f"exported {path.name} to {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -372,9 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
     export.add_argument("--out", help="output file (default: RUN_DIR/model.safetensors or open_clip.safetensors)")
-    export.add_argument("--format", choices=["polymodal", "open_clip"], default="polymodal",
+    export.add_argument("--format", choices=["polymodal", "open_clip", "timm"], default="polymodal",
                         help="polymodal: the objective's weights and config; open_clip: the CLIP model's state "
-                             "dict for open_clip.create_model_and_transforms(name, pretrained=FILE)")
+                             "dict for open_clip.create_model_and_transforms(name, pretrained=FILE); timm: a "
+                             "pretrained convnet backbone (spark) for timm.create_model(name)")
     export.set_defaults(func=cmd_checkpoint_export)
     universal = ckpt_commands.add_parser(
         "universal", help="convert a ZeRO checkpoint so it resumes at another world size",

@@ -177,3 +177,38 @@ def test_config_errors_name_the_key():
         spark("resnet18", mask_ratio=1.0)
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         spark("resnet18").set_grad_checkpointing(True)
+
+
+def test_pretrain_draws_reconstructions_and_exports_a_timm_backbone(cifar_test_shards, tmp_path):
+    # The whole path on the engine: a few steps of spark on real CIFAR-10, pictures at intervals, the backbone
+    # exported for timm, and that file evaluated by `polymodal eval` as a timm model.
+    import subprocess
+
+    from conftest import polymodal_cmd, subprocess_env
+
+    env = {**subprocess_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+
+    def run(*args):
+        done = subprocess.run(polymodal_cmd() + list(args), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done.stdout
+
+    run("pretrain", str(REPO / "configs" / "spark-resnet18-cifar.yaml"), f"run_dir={run_dir}",
+        f"data.shards={cifar_test_shards / 'test' / '0.tar'}", "steps=4", "data.batch_size=8", "data.image_size=64",
+        "objective.image_size=64", "objective.decoder_width=64", "log.images_every=2", "checkpoint.every=0",
+        "log.progress=false", "log.tensorboard=false", "data.num_workers=1")
+    assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    run("checkpoint", "export", str(run_dir), "--format", "timm")
+    backbone = run_dir / "timm_backbone.safetensors"
+    from safetensors.torch import load_file
+
+    missing, unexpected = timm.create_model("resnet18").load_state_dict(load_file(str(backbone)), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    out = tmp_path / "eval"
+    run("eval", "--model", f"timm:resnet18:{backbone}", "--image-size", "64", "--dataset",
+        str(cifar_test_shards / "test" / "1.tar"), "--train", str(cifar_test_shards / "test" / "2.tar"),
+        "--task", "knn", "--output", str(out), "-q", "--no-cache")
+    result = json.loads(next(out.glob("*knn.json")).read_text())
+    assert 0.1 <= result["metrics"]["knn_acc1"] <= 1

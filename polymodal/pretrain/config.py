@@ -47,6 +47,9 @@ class LogConfig:
     every: int = 1
     tensorboard: bool = True
     progress: bool = True
+    # Every N steps (0: never), objectives that can draw their work (spark: input, masked input, reconstruction)
+    # write RUN_DIR/images/STEP.png from the run's first batch, so progress on the same images is visible.
+    images_every: int = 0
 
 
 @dataclass

@@ -70,6 +70,26 @@ def export_open_clip(path: Path, out: Path) -> Path:
     return out
 
 
+def export_timm(path: Path, out: Path) -> Path:
+    """The image backbone of a checkpoint whose objective offers `backbone_state_dict` (spark) as a timm state dict
+    (safetensors): `timm.create_model(name)` loads it with only the classifier head missing, and `polymodal eval
+    --model timm:NAME:FILE` evaluates it."""
+    from safetensors.torch import save_file
+
+    from polymodal.pretrain.objectives import build_objective
+
+    marker = checkpoint.read_marker(path)
+    objective = build_objective(dict(marker["objective"]))
+    if not hasattr(objective, "backbone_state_dict"):
+        raise ConfigError(f"{path}: objective {marker['objective'].get('name')!r} has no timm backbone to export "
+                          "(spark has)")
+    objective.load_state_dict(consolidated_state_dict(path))
+    tensors = {k: v.detach().contiguous().clone() for k, v in objective.backbone_state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"format": "pt", "timm.model": str(marker["objective"].get("model", ""))})
+    return out
+
+
 def exported_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of an exported file: polymodal.objective (JSON), polymodal.step, polymodal.image_size."""
     from safetensors import safe_open

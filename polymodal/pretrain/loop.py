@@ -27,7 +27,7 @@ from polymodal.distributed import Placement
 from polymodal.pretrain import checkpoint
 from polymodal.pretrain.config import PretrainConfig
 from polymodal.pretrain.distributed import World, init_distributed, shutdown
-from polymodal.pretrain.engine import Engine, resolve_precision_and_stage
+from polymodal.pretrain.engine import Engine, resolve_precision_and_stage, to_device
 from polymodal.pretrain.flops import device_peak_flops, training_flops_per_sample
 from polymodal.pretrain.objectives import build_objective
 from polymodal.pretrain.runlog import RunLog, memory_gb
@@ -211,6 +211,12 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
             runlog.event("checkpoint", step, tag=path.name)
         return path
 
+    # Pictures of the objective's work (spark's reconstructions) on the first batch, from rank 0. Not under ZeRO-3,
+    # whose partitioned weights cannot run a forward on one rank alone.
+    draw = getattr(objective, "save_reconstruction", None) if cfg.log.images_every and world.is_main else None
+    if draw is not None and cfg.zero_stage == 3:
+        log.warning("log.images_every: no pictures under ZeRO-3 (the weights are partitioned across ranks)")
+        draw = None
     stop = StopFlag()
     step, in_a_row, last_good, saved_at = start.step, 0, start.step, None
     outcome = "end"
@@ -259,6 +265,8 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
                     runlog.write(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step {step}, "
                                  "exiting; continue with resume=latest")
                 break
+            if draw is not None and step % cfg.log.images_every == 0:
+                draw(to_device(first, world.device), run_dir / "images" / f"step_{step:07d}.png")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 kill = cfg.faults.inject_kill_in_checkpoint == step
                 save(step, kill=kill)
