@@ -84,15 +84,6 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=cmd_search)
 
 
-def _load(spec: str, image_size: int | None, seed: int, device: str):
-    import torch
-
-    from polymodal.eval.encoders import load_encoder
-
-    torch.manual_seed(seed)  # the same weights on every rank (and in `search`) for randomly initialised models
-    return load_encoder(spec, image_size).to(device).eval()
-
-
 def _first_sample_has_caption(url: str) -> bool:
     from polymodal.data.tar_samples import iter_shard
 
@@ -127,6 +118,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from polymodal.embed.inputs import resolve_inputs
     from polymodal.embed.layout import check_info, finished_parts, start_output
     from polymodal.embed.run import EmbedOptions, embed_parts
+    from polymodal.eval.encoders import load_seeded_encoder
     from polymodal.eval.features import gather_objects
     from polymodal.eval.tasks import cache_folder
     from polymodal.pretrain.distributed import shutdown, start_process_group
@@ -145,7 +137,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if not world.is_main:
             inputs = resolve()
         device = args.device or str(world.device)
-        encoder = _load(args.model, args.image_size, args.seed, device)
+        encoder = load_seeded_encoder(args.model, args.image_size, args.seed, device)
         what = _what(args.what, inputs, encoder)
         info = {"model": args.model, "inputs": inputs.description, "what": list(what), "dtype": args.dtype,
                 "normalize": not args.no_normalize, "image_size": encoder.image_size if "img" in what else None,
@@ -221,13 +213,15 @@ def _query_embedding(query: str, encoder, device: str):
 def cmd_search(args: argparse.Namespace) -> int:
     from polymodal.embed.index import search
     from polymodal.embed.layout import INFO
+    from polymodal.eval.encoders import load_seeded_encoder
 
     out = Path(args.embeddings)
     info_path = out / INFO
     if not info_path.is_file():
         raise ConfigError(f"{out} is not a `polymodal embed` output folder (no {INFO})")
     info = json.loads(info_path.read_text())
-    encoder = _load(args.model or info["model"], info.get("image_size"), info.get("seed", 0), args.device)
+    encoder = load_seeded_encoder(args.model or info["model"], info.get("image_size"), info.get("seed", 0),
+                                  args.device)
     query = _query_embedding(args.query, encoder, args.device)
     if not info.get("normalize", True):
         query = query / max(float((query ** 2).sum()) ** 0.5, 1e-12)

@@ -26,6 +26,7 @@ from polymodal.data.tar_samples import iter_shard
 from polymodal.distributed import Placement
 from polymodal.embed.inputs import Inputs, Part
 from polymodal.embed.layout import write_part
+from polymodal.eval.features import autocast
 
 log = logging.getLogger("polymodal")
 
@@ -153,12 +154,6 @@ class PartReader(IterableDataset):
         return batch
 
 
-def _autocast(device: torch.device, precision: str):
-    from polymodal.eval.features import autocast
-
-    return autocast(device, precision)
-
-
 @torch.no_grad()
 def embedding_dims(encoder, what: tuple[str, ...], device: torch.device) -> dict[str, int]:
     """Width of each kind of embedding (an empty part still writes a [0, D] array)."""
@@ -195,7 +190,7 @@ def embed_parts(encoder, inputs: Inputs, pending: list[Part], out: Path, opts: E
     for batch in loader:
         buf = buffers.setdefault(batch["part"], {"img": [], "text": [], "fields": [], "skipped": []})
         if batch["fields"]:
-            with _autocast(device, opts.precision):
+            with autocast(device, opts.precision):
                 if "img" in opts.what:
                     emb = encoder.encode_image(batch["rgb"].to(device, non_blocking=True), normalize=opts.normalize)
                     buf["img"].append(emb.float().cpu().numpy().astype(dtype))

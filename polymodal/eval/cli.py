@@ -73,18 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=cmd_eval)
 
 
-def _load(spec: str, image_size: int | None, seed: int, device: str):
-    import torch
-
-    from polymodal.eval.encoders import load_encoder
-
-    torch.manual_seed(seed)  # the same weights on every rank for anything randomly initialised
-    return load_encoder(spec, image_size).to(device)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from polymodal.cli import _lines_or_list
     from polymodal.eval.datasets import resolve_dataset, template_option
+    from polymodal.eval.encoders import load_seeded_encoder
     from polymodal.eval.suite import run_suite
     from polymodal.eval.tasks import TASKS, TaskOptions, cache_folder
     from polymodal.pretrain.distributed import shutdown, start_process_group
@@ -110,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            knn_temperature=args.knn_temperature, seed=args.seed)
         t0 = time.perf_counter()
         # Encoding runs under no_grad; not inference_mode, whose tensors the linear probe could not fit on.
-        results = run_suite(args.model, lambda spec: _load(spec, args.image_size, args.seed, device), datasets,
+        results = run_suite(args.model, lambda spec: load_seeded_encoder(spec, args.image_size, args.seed, device), datasets,
                             tasks, opts, Path(args.output), is_main=world.is_main)
         if world.is_main:
             print(f"{len(results)} result(s) in {args.output} ({time.perf_counter() - t0:.0f}s"

@@ -160,6 +160,13 @@ def _timm_encoder(name: str, weights: str | None) -> Encoder:
                    cfg.get("input_size", (3, 224, 224))[-1])
 
 
+def load_seeded_encoder(spec: str, image_size: int | None, seed: int, device: str) -> Encoder:
+    """load_encoder on `device`, seeding torch first: anything randomly initialised gets the same weights on every
+    rank and in every command that names the same seed (eval, embed, search)."""
+    torch.manual_seed(seed)
+    return load_encoder(spec, image_size).to(device)
+
+
 def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
     """The model a spec names (see the module docstring), in eval mode on the CPU."""
     kind, _, rest = spec.partition(":")

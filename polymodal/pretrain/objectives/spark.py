@@ -21,9 +21,8 @@ from polymodal.models.sparse_conv import SparseEncoder, upsample_mask
 from polymodal.models.spark_decoder import SparKDecoder
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
+from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 @register("spark")
