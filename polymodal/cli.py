@@ -87,7 +87,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from polymodal.progress import progress_bar
 
     from polymodal.config import load_config
     from polymodal.data.config import DataConfig
@@ -105,7 +105,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         loader.load_state_dict(json.loads(Path(args.resume_from).read_text()))
     started = time.perf_counter()
     samples = batches = 0
-    bar = tqdm(unit="sample", desc="stream", disable=args.quiet, dynamic_ncols=True)
+    bar = progress_bar(unit="sample", desc="stream", disable=args.quiet)
     for epoch in range(args.epochs):
         for batch in loader:
             if batches == 0:

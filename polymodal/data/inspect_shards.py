@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
+from polymodal.progress import progress_bar
 
 from polymodal import modalities
 from polymodal.data.errors import SampleSkipped, SkipCounter
@@ -34,7 +34,7 @@ def inspect_shards(spec: str | list[str], decode: bool = True, examples: int = 3
     urls = expand_shards(spec, allow_pipe=allow_pipe)
     report = ShardReport(shards=len(urls))
     counter = SkipCounter(where="inspect")
-    for url in tqdm(urls, unit="shard", disable=not show_progress, desc="inspect"):
+    for url in progress_bar(urls, unit="shard", disable=not show_progress, desc="inspect"):
         count = 0
         for _, raw in iter_shard(url, counter, allow_pipe):
             count += 1

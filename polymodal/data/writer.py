@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from polymodal.progress import progress_bar
 
 from polymodal.data.errors import ConfigError, SampleSkipped, summarize
 from polymodal.data.sources import Record, Source
@@ -300,8 +300,8 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
         _pool_init(opts)
         results = map(_encode_in_pool, records)
     started = time.monotonic()
-    bar = tqdm(total=source.length, initial=consumed, unit="rec", desc=f"shards -> {shard_dir}",
-               disable=not show_progress, dynamic_ncols=True)
+    bar = progress_bar(total=source.length, initial=consumed, unit="rec", desc=f"shards -> {shard_dir}",
+                       disable=not show_progress)
     try:
         for status, payload, detail in results:
             consumed += 1

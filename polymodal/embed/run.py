@@ -224,7 +224,7 @@ def _expected_rows(inputs: Inputs, parts: list[Part]) -> int | None:
 
 
 def _progress(total: int | None, where: Placement):
-    from tqdm import tqdm
+    from polymodal.progress import progress_bar
 
     desc = "embedding" + (f" (rank {where.rank})" if where.world_size > 1 else "")
-    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, position=where.rank, leave=False)
+    return progress_bar(total=total, desc=desc, unit="sample", position=where.rank, leave=False)

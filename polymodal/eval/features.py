@@ -149,6 +149,6 @@ def count_samples(urls: list[str]) -> int | None:
 
 
 def _progress(total: int | None, desc: str):
-    from tqdm import tqdm
+    from polymodal.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    return progress_bar(total=total, desc=desc, unit="img", leave=False)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from polymodal.progress import progress_bar
 
 from polymodal.eval.metrics import classification_metrics
 
@@ -137,7 +137,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         val_samples = len(val_idx)
         fit_x, fit_y, val_x, val_y = train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx]
         params, since_best = None, 0
-        for C in tqdm(cs, desc="linear probe: C sweep", disable=not progress):
+        for C in progress_bar(cs, desc="linear probe: C sweep", disable=not progress):
             params = fit_softmax_regression(fit_x, fit_y, num_classes, C, max_iter=max_iter, tol=tol, init=params)
             val_acc[C] = _accuracy(val_x, val_y, params)
             if best_params is None or val_acc[C] > val_acc[best_C]:

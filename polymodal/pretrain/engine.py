@@ -89,6 +89,20 @@ class StepResult:
     data_wait: float = 0.0
 
 
+def match_norm_statistics(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast BatchNorm running statistics to the dtype DeepSpeed gives the weights under bf16/fp16.
+
+    DeepSpeed casts parameters only and leaves buffers as they are (fp32), and `batch_norm` refuses half-precision
+    weights with fp32 running statistics, so any BatchNorm model (ResNet, SparK's decoder) would fail at its first
+    step. Other buffers (rotary frequencies, position ids) keep their dtype, as DeepSpeed intends."""
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+            for name in ("running_mean", "running_var"):
+                buffer = getattr(norm, name)
+                if buffer is not None and buffer.is_floating_point():
+                    setattr(norm, name, buffer.to(dtype))
+
+
 class Engine:
     """Owns the DeepSpeed engine built around an objective; `step()` runs one optimizer step."""
 
@@ -102,6 +116,8 @@ class Engine:
             objective.set_grad_checkpointing(True)
         self.optimizer, scheduler = build_optimizer(objective, cfg.optim, cfg.steps)
         self.ds_config = deepspeed_config(cfg, self.precision, self.stage, load_universal)
+        if self.precision != "fp32":
+            match_norm_statistics(objective, torch.bfloat16 if self.precision == "bf16" else torch.float16)
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=objective, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)

@@ -193,9 +193,12 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         runlog = RunLog(run_dir, start.step, cfg.steps, cfg.log.tensorboard, cfg.log.progress)
         runlog.event("resume" if start.tag else "start", start.step, world_size=world.world_size,
-                     zero_stage=stage, precision=precision, launcher=world.launcher, tag=start.tag)
-        total = sum(p.numel() for p in objective.parameters())
-        trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+                     zero_stage=stage, precision=precision, launcher=world.launcher, tag=start.tag,
+                     device=world.device.type)
+        # Under ZeRO-3 a parameter's own tensor is this rank's empty placeholder; ds_numel is its full size.
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in objective.parameters()]
+        total = sum(n for n, _ in sizes)
+        trainable = sum(n for n, grad in sizes if grad)
         runlog.write(f"polymodal pretrain: objective {objective.name}, {total / 1e6:.2f} M parameters "
                      f"({trainable / 1e6:.2f} M trainable), {world.world_size} rank(s) on {world.device.type} ({world.launcher}), ZeRO {stage}, "
                      f"{precision}, global batch {cfg.data.batch_size * cfg.grad_accum * world.world_size}"
@@ -211,11 +214,10 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
             runlog.event("checkpoint", step, tag=path.name)
         return path
 
-    # Pictures of the objective's work (spark's reconstructions) on the first batch, from rank 0. Not under ZeRO-3,
-    # whose partitioned weights cannot run a forward on one rank alone.
-    draw = getattr(objective, "save_reconstruction", None) if cfg.log.images_every and world.is_main else None
-    if draw is not None and cfg.zero_stage == 3:
-        log.warning("log.images_every: no pictures under ZeRO-3 (the weights are partitioned across ranks)")
+    # Pictures of the objective's work (spark's reconstructions) on the first batch, written by rank 0. Under ZeRO-3
+    # every rank runs the forward too (with no file), since the partitioned weights are gathered collectively.
+    draw = getattr(objective, "save_reconstruction", None) if cfg.log.images_every else None
+    if draw is not None and not world.is_main and cfg.zero_stage != 3:
         draw = None
     stop = StopFlag()
     step, in_a_row, last_good, saved_at = start.step, 0, start.step, None
@@ -266,7 +268,8 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
                                  "exiting; continue with resume=latest")
                 break
             if draw is not None and step % cfg.log.images_every == 0:
-                draw(to_device(first, world.device), run_dir / "images" / f"step_{step:07d}.png")
+                draw(to_device(first, world.device),
+                     run_dir / "images" / f"step_{step:07d}.png" if world.is_main else None)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 kill = cfg.faults.inject_kill_in_checkpoint == step
                 save(step, kill=kill)

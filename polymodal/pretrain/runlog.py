@@ -34,10 +34,10 @@ class RunLog:
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.bar = None
         if progress:
-            from tqdm import tqdm
+            from polymodal.progress import progress_bar
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, desc="pretrain")
+            self.bar = progress_bar(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
+                                    desc="pretrain")
 
     def _drop_steps_after(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: their old lines go (rewritten atomically)."""

@@ -127,9 +127,10 @@ class SparK(Objective):
         return self.encoder.timm_state_dict()
 
     @torch.no_grad()
-    def save_reconstruction(self, batch: dict[str, Any], path: str | Path, max_images: int = 8,
-                            seed: int = 0) -> Path:
-        """A PNG with one row per image: input, masked input, reconstruction (visible patches pasted back)."""
+    def save_reconstruction(self, batch: dict[str, Any], path: str | Path | None, max_images: int = 8,
+                            seed: int = 0) -> Path | None:
+        """A PNG with one row per image: input, masked input, reconstruction (visible patches pasted back).
+        `path` None runs the forward only: the other ranks' part of a ZeRO-3 gather."""
         from torchvision.utils import save_image
 
         rgb = batch["rgb"][:max_images]
@@ -142,6 +143,8 @@ class SparK(Objective):
             predicted = self._patches(self.reconstruct(images, visible).float())
         finally:
             self.train(was_training)
+        if path is None:
+            return None
         _, mean, std = self._target(images)
         size = images.shape[-2:]
         reconstruction = F.fold((predicted * std + mean).transpose(1, 2), size, kernel_size=self.encoder.stride,
