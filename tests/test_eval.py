@@ -161,3 +161,25 @@ def test_two_ranks_give_the_same_numbers(cifar_test_shards: Path, tmp_path: Path
     for name, metrics in results[1].items():
         for key, value in metrics.items():
             assert results[2][name][key] == pytest.approx(value, abs=1e-3), (name, key)
+
+
+def test_feature_cache_key_follows_seed_and_weights_file(tmp_path):
+    # A randomly initialised model's features depend on the seed, and a run retrained into the same folder has new
+    # weights: neither may be served cached features of the other.
+    import os
+
+    from polymodal.eval.encoders import cache_identity
+
+    assert cache_identity("timm:resnet18", 0) != cache_identity("timm:resnet18", 1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"old weights")
+    before = cache_identity(str(run), 0)
+    assert cache_identity(str(run), 0) == before  # unchanged weights: the cache is reused
+    (run / "model.safetensors").write_bytes(b"new weights, longer")
+    os.utime(run / "model.safetensors", ns=(1, 1))
+    assert cache_identity(str(run), 0) != before
+    spec = f"timm:resnet18:{run / 'model.safetensors'}"
+    first = cache_identity(spec, 0)
+    (run / "model.safetensors").write_bytes(b"newer")
+    assert cache_identity(spec, 0) != first

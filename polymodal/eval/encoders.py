@@ -15,6 +15,7 @@ Model specs (`polymodal eval --model`):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -158,6 +159,19 @@ def _timm_encoder(name: str, weights: str | None) -> Encoder:
     cfg = model.pretrained_cfg
     return Encoder(f"timm:{name}", model, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
                    cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def cache_identity(spec: str, seed: int) -> str:
+    """What decides a model's features besides the data, for feature cache keys: the spec, the size and time of the
+    weights file it reads (a run retrained into the same folder must not be served its old features) and the seed
+    (a name without weights is randomly initialised from it)."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("open_clip", "timm") and rest:
+        files = [rest.partition(":")[2]]
+    else:
+        files = [str(Path(spec) / "model.safetensors") if Path(spec).is_dir() else spec]
+    stamps = [(f, Path(f).stat().st_mtime_ns, Path(f).stat().st_size) for f in files if f and Path(f).is_file()]
+    return json.dumps([spec, stamps, seed])
 
 
 def load_seeded_encoder(spec: str, image_size: int | None, seed: int, device: str) -> Encoder:

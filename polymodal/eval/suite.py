@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from polymodal.data.errors import ConfigError
 from polymodal.eval.datasets import EvalDataset
+from polymodal.eval.encoders import cache_identity
 from polymodal.eval.tasks import RUNNERS, TaskOptions, tasks_for
 
 log = logging.getLogger("polymodal")
@@ -45,7 +46,7 @@ def run_suite(models: list[str], load: Callable[[str], Any], datasets: list[Eval
     results = []
     for spec in models:
         encoder = load(spec)
-        opts.model_id = spec
+        opts.model_id = cache_identity(spec, opts.seed)
         for dataset in datasets:
             chosen = tasks_for(encoder, dataset, tasks)
             if not chosen:

@@ -24,7 +24,6 @@ from polymodal.pretrain.objectives.base import Objective
 from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
 
 
-
 @register("spark")
 class SparK(Objective):
     @dataclass
