@@ -34,8 +34,11 @@ after torch.manual_seed(--seed) (random init unless weights are given), and CLIP
 encoder.image_fn.owner (the open_clip model our Encoder wraps), open_clip's eval transform for it
 (image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False), as create_model_and_transforms
 builds it, which CLIP_benchmark's load_clip calls) and open_clip's tokenizer. Class names and prompt templates are
-the dataset folder's classnames.txt and zeroshot_classification_templates.txt, read by both. No autocast on either
-side (fp32; CLIP_benchmark with amp=False: its default amp=True would run bfloat16 on a CPU and change the numbers).
+the dataset folder's classnames.txt and zeroshot_classification_templates.txt, read by both. By default no autocast
+on either side (fp32; CLIP_benchmark with amp=False: its default amp=True would run bfloat16 on a CPU and change the
+numbers). --device cuda runs both sides on the GPU (the peer's featurizer then also moves its batches there, as its
+.cuda() does); --precision bf16|fp16 autocasts ours to that type and turns on CLIP_benchmark's amp (autocast's
+default half type on the device: fp16 on CUDA).
 
 CLIP_benchmark 1.6.2 crashes under numpy >= 2.4 in its `accuracy` (float() of a 1-element array); it is replaced
 in-process by the same computation using .item() (clip_benchmark.metrics.zeroshot_classification.accuracy, which
@@ -83,6 +86,7 @@ figures only from the same machine.
     python benchmarks/eval_speed.py            # full: 10,000 test + 10,000 train images, 2 rounds
     python benchmarks/eval_speed.py --quick    # smoke run: 2,000 test + 2,000 train images, 1 round
     python benchmarks/eval_speed.py --model open_clip:polymodal-tiny-vit --weights tiny.pt
+    python benchmarks/eval_speed.py --device cuda --precision bf16      # on a GPU box
 """
 
 from __future__ import annotations
@@ -193,7 +197,7 @@ def build_models(args):
     from polymodal.eval.encoders import load_encoder
 
     torch.manual_seed(args.seed)
-    encoder = load_encoder(args.model, args.image_size)
+    encoder = load_encoder(args.model, args.image_size).to(args.device)
     owner = getattr(encoder.image_fn, "owner", None)
     if owner is None or not encoder.has_text or not hasattr(owner, "visual") or not hasattr(owner, "encode_text"):
         return encoder, None
@@ -210,7 +214,7 @@ def build_models(args):
     else:  # a polymodal checkpoint: our tokenizer (open_clip's, per text), batched as open_clip's is
         one = encoder.tokenizer()
         tokenizer = lambda texts: torch.stack([torch.as_tensor(one(t)) for t in texts])  # noqa: E731
-    return encoder, (owner, transform, tokenizer)
+    return encoder, (owner.to(args.device), transform, tokenizer)
 
 
 def warm_up(encoder, peer) -> None:
@@ -218,12 +222,14 @@ def warm_up(encoder, peer) -> None:
     import torch
 
     with torch.no_grad():
-        encoder.encode_image(torch.zeros(8, 3, encoder.image_size, encoder.image_size, dtype=torch.uint8))
+        device = encoder.mean.device
+        encoder.encode_image(torch.zeros(8, 3, encoder.image_size, encoder.image_size, dtype=torch.uint8,
+                                         device=device))
         if encoder.has_text:
             tok = encoder.tokenizer()
-            encoder.encode_text(torch.stack([torch.as_tensor(tok("a photo of a cat."))] * 8))
+            encoder.encode_text(torch.stack([torch.as_tensor(tok("a photo of a cat."))] * 8).to(device))
         if peer is not None:
-            peer[0].encode_text(peer[2](["a photo of a cat."] * 8))
+            peer[0].encode_text(peer[2](["a photo of a cat."] * 8).to(device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,7 +266,8 @@ def ours_zeroshot(encoder, shards_dir: Path, args) -> dict:
     from polymodal.eval.tasks import TaskOptions, zeroshot_classification
 
     dataset = resolve_dataset(str(shards_dir), cache_dir=Path(args.work_dir) / "cache", quiet=True)
-    opts = TaskOptions(batch_size=args.batch_size, num_workers=args.workers, progress=False, cache_dir=None)
+    opts = TaskOptions(batch_size=args.batch_size, num_workers=args.workers, progress=False, cache_dir=None,
+                       device=args.device, precision=args.precision)
     return zeroshot_classification(encoder, dataset, opts)
 
 
@@ -282,13 +289,15 @@ def peer_zeroshot(peer, shards_dir: Path, args) -> dict:
 
     model, transform, tokenizer = peer
     ds, loader = _peer_loader(shards_dir, "test", transform, args)
-    return zsc.evaluate(model, loader, tokenizer, ds.classes, ds.templates, device="cpu", amp=False)
+    return zsc.evaluate(model, loader, tokenizer, ds.classes, ds.templates, device=args.device,
+                        amp=args.precision != "fp32")
 
 
 def ours_features(encoder, shards_dir: Path, args) -> dict:
     from polymodal.eval.features import RunOptions, extract_features
 
-    opts = RunOptions(batch_size=args.batch_size, num_workers=args.workers, progress=False)
+    opts = RunOptions(batch_size=args.batch_size, num_workers=args.workers, progress=False, device=args.device,
+                      precision=args.precision)
     out = {}
     for split in ("train", "test"):
         f = extract_features(encoder, str(shards_dir / split), opts, labels=True)
@@ -308,8 +317,8 @@ def peer_features(peer, shards_dir: Path, args) -> dict:
         features, targets = [], []
         with torch.no_grad():
             for images, target in loader:
-                with torch.autocast("cpu", enabled=False):
-                    features.append(featurizer(images).cpu())
+                with torch.autocast(torch.device(args.device).type, enabled=args.precision != "fp32"):
+                    features.append(featurizer(images.to(args.device)).float().cpu())
                 targets.append(target)
         out[split] = (torch.cat(features), torch.cat(targets))
     return out
@@ -485,6 +494,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256,
                         help="images per batch, both sides (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="data workers, both sides (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N], both sides (default: %(default)s)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="ours: autocast to this; CLIP_benchmark: its amp switch (autocast's default half type "
+                             "on the device) whenever this is not fp32 (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads and scikit-learn's BLAS threads (default: the usable CPUs)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 2, quick: 1)")
@@ -624,11 +637,11 @@ def main(argv=None) -> int:
         "benchmark": "benchmarks/eval_speed.py",
         "what": "zero-shot classification and linear probe on CIFAR-10, ours (polymodal.eval) vs CLIP_benchmark "
                 "(zero-shot, feature extraction) and scikit-learn LogisticRegression (probe fit), same model "
-                "object, data, batch size, workers and threads, fp32 on CPU",
+                f"object, data, batch size, workers and threads, {args.precision} on {args.device}",
         "goal": f"peer seconds / our seconds >= {GOAL} at equal accuracy (ours at most {args.tolerance} points below)",
         "goal_met": all(met),
         "settings": {k: getattr(args, k) for k in ("model", "weights", "image_size", "batch_size", "workers",
-                                                   "threads", "rounds", "seed", "train_limit", "test_limit",
+                                                   "device", "precision", "threads", "rounds", "seed", "train_limit", "test_limit",
                                                    "tolerance", "max_other_load", "max_wait", "quick")},
         "model": {"spec": args.model, "image_size": encoder.image_size, "parameters": params,
                   "random_init": random_init},
