@@ -217,7 +217,7 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
     # Pictures of the objective's work (spark's reconstructions) on the first batch, written by rank 0. Under ZeRO-3
     # every rank runs the forward too (with no file), since the partitioned weights are gathered collectively.
     draw = getattr(objective, "save_reconstruction", None) if cfg.log.images_every else None
-    if draw is not None and not world.is_main and cfg.zero_stage != 3:
+    if draw is not None and not world.is_main and stage != 3:
         draw = None
     stop = StopFlag()
     step, in_a_row, last_good, saved_at = start.step, 0, start.step, None
