@@ -7,12 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polymodal.progress import progress_bar
-
 from polymodal import modalities
 from polymodal.data.errors import SampleSkipped, SkipCounter
 from polymodal.data.shardlist import expand_shards
 from polymodal.data.tar_samples import iter_shard
+from polymodal.progress import progress_bar
 
 
 @dataclass

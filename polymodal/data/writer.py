@@ -25,11 +25,11 @@ from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
-from polymodal.progress import progress_bar
 
 from polymodal.data.errors import ConfigError, SampleSkipped, summarize
 from polymodal.data.sources import Record, Source
 from polymodal.modalities import DEFAULT_MAX_IMAGE_PIXELS, load_pixels, open_image, to_rgb
+from polymodal.progress import progress_bar
 
 log = logging.getLogger("polymodal.data")
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from polymodal.progress import progress_bar
 
 from polymodal.eval.metrics import classification_metrics
+from polymodal.progress import progress_bar
 
 # A fixed log grid rather than CLIP_benchmark's binary search: every C's validation accuracy is reported, the same
 # grid can be handed to sklearn, and fitting from the strongest to the weakest penalty lets each fit start from the
