@@ -218,6 +218,7 @@ def test_zero3_bf16_on_two_ranks_draws_resumes_exactly_and_exports(cifar_test_sh
     # SparK on the engine as CLIP runs there: two real ranks (torchrun, gloo), ZeRO-3 (weights partitioned, so the
     # pictures need every rank's part of the forward), bf16, checkpoints; a resumed run repeats the uninterrupted
     # run's losses bitwise (masks come from the checkpointed RNG), and the ZeRO-3 checkpoint exports to timm.
+    import shutil
     import subprocess
     import sys
 
@@ -250,9 +251,12 @@ def test_zero3_bf16_on_two_ranks_draws_resumes_exactly_and_exports(cifar_test_sh
     assert sorted(p.name for p in (whole / "images").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     assert all(0.5 < loss < 1.5 for loss in losses(whole).values()), losses(whole)
 
-    pretrain(resumed, "steps=2")
+    # The run as if it had stopped after step 2: its copy with the step-4 checkpoint gone.
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002")
     pretrain(resumed, "steps=4", "resume=latest")
-    assert losses(resumed) == losses(whole)
+    assert losses(resumed) == losses(whole) and len(losses(whole)) == 4
 
     done = subprocess.run(polymodal_cmd() + ["checkpoint", "export", str(whole), "--format", "timm"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
