@@ -87,11 +87,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from polymodal.progress import progress_bar
-
     from polymodal.config import load_config
     from polymodal.data.config import DataConfig
     from polymodal.data.pipeline import ShardLoader
+    from polymodal.progress import progress_bar
 
     if args.shards and re.match(r"^[A-Za-z_][\w.]*=", args.shards):  # a key=value given without SHARDS
         args.overrides, args.shards = [args.shards, *args.overrides], None

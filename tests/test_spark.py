@@ -179,37 +179,63 @@ def test_config_errors_name_the_key():
         spark("resnet18").set_grad_checkpointing(True)
 
 
-def test_pretrain_draws_reconstructions_and_exports_a_timm_backbone(cifar_test_shards, tmp_path):
-    # The whole path on the engine: a few steps of spark on real CIFAR-10, pictures at intervals, the backbone
-    # exported for timm, and that file evaluated by `polymodal eval` as a timm model.
+CONFIG = str(REPO / "configs" / "spark-resnet18-cifar.yaml")
+# Small runs on CPU: 8 images of 64 px a step, a narrow decoder, no console or TensorBoard output.
+SMALL = ["data.batch_size=8", "data.image_size=64", "objective.image_size=64", "objective.decoder_width=64",
+         "log.progress=false", "log.tensorboard=false", "data.num_workers=1"]
+
+
+def polymodal(*args: str, ranks: int = 1, cpu: bool = True) -> str:
+    """`polymodal ARGS` in a subprocess (under torchrun with `ranks` > 1), on DeepSpeed's CPU accelerator with a
+    thread per rank unless `cpu` is False; asserts success and returns stdout."""
     import subprocess
+    import sys
 
     from conftest import polymodal_cmd, subprocess_env
 
-    env = {**subprocess_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    run_dir = tmp_path / "run"
+    env = subprocess_env() | ({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} if cpu else {})
+    launch = polymodal_cmd() if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc_per_node={ranks}", "-m", "polymodal"]
+    done = subprocess.run(launch + list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
-    def run(*args):
-        done = subprocess.run(polymodal_cmd() + list(args), cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
-        return done.stdout
 
-    run("pretrain", str(REPO / "configs" / "spark-resnet18-cifar.yaml"), f"run_dir={run_dir}",
-        f"data.shards={cifar_test_shards / 'test' / '0.tar'}", "steps=4", "data.batch_size=8", "data.image_size=64",
-        "objective.image_size=64", "objective.decoder_width=64", "log.images_every=2", "checkpoint.every=0",
-        "log.progress=false", "log.tensorboard=false", "data.num_workers=1")
-    assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["step_0000002.png", "step_0000004.png"]
-    run("checkpoint", "export", str(run_dir), "--format", "timm")
-    backbone = run_dir / "timm_backbone.safetensors"
+def start_event(run_dir) -> dict:
+    return next(e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
+                if e["event"] == "start")
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def pictures(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "images").iterdir())
+
+
+def assert_loads_into_timm_resnet18(backbone) -> None:
     from safetensors.torch import load_file
 
     missing, unexpected = timm.create_model("resnet18").load_state_dict(load_file(str(backbone)), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_pretrain_draws_reconstructions_and_exports_a_timm_backbone(cifar_test_shards, tmp_path):
+    # The whole path on the engine: a few steps of spark on real CIFAR-10, pictures at intervals, the backbone
+    # exported for timm, and that file evaluated by `polymodal eval` as a timm model.
+    run_dir = tmp_path / "run"
+    polymodal("pretrain", CONFIG, f"run_dir={run_dir}", f"data.shards={cifar_test_shards / 'test' / '0.tar'}",
+              "steps=4", "log.images_every=2", "checkpoint.every=0", *SMALL)
+    assert pictures(run_dir) == ["step_0000002.png", "step_0000004.png"]
+    polymodal("checkpoint", "export", str(run_dir), "--format", "timm")
+    backbone = run_dir / "timm_backbone.safetensors"
+    assert_loads_into_timm_resnet18(backbone)
     out = tmp_path / "eval"
-    run("eval", "--model", f"timm:resnet18:{backbone}", "--image-size", "64", "--dataset",
-        str(cifar_test_shards / "test" / "1.tar"), "--train", str(cifar_test_shards / "test" / "2.tar"),
-        "--task", "knn", "--output", str(out), "-q", "--no-cache")
+    polymodal("eval", "--model", f"timm:resnet18:{backbone}", "--image-size", "64", "--dataset",
+              str(cifar_test_shards / "test" / "1.tar"), "--train", str(cifar_test_shards / "test" / "2.tar"),
+              "--task", "knn", "--output", str(out), "-q", "--no-cache")
     result = json.loads(next(out.glob("*knn.json")).read_text())
     assert 0.1 <= result["metrics"]["knn_acc1"] <= 1
 
@@ -219,71 +245,40 @@ def test_zero3_bf16_on_two_ranks_draws_resumes_exactly_and_exports(cifar_test_sh
     # pictures need every rank's part of the forward), bf16, checkpoints; a resumed run repeats the uninterrupted
     # run's losses bitwise (masks come from the checkpointed RNG), and the ZeRO-3 checkpoint exports to timm.
     import shutil
-    import subprocess
-    import sys
 
-    from safetensors.torch import load_file
-
-    from conftest import polymodal_cmd, subprocess_env
-
-    env = {**subprocess_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                "polymodal", "pretrain"]
-
-    def pretrain(run_dir, *extra, launch=torchrun):
-        done = subprocess.run(launch + [
-            str(REPO / "configs" / "spark-resnet18-cifar.yaml"), f"run_dir={run_dir}",
-            f"data.shards={cifar_test_shards / 'test'}", "data.batch_size=8", "data.image_size=64",
-            "objective.image_size=64", "objective.decoder_width=64", "zero_stage=3", "precision=bf16",
-            "checkpoint.every=2", "checkpoint.keep=5", "log.progress=false", "log.tensorboard=false",
-            "data.num_workers=1", *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
-
-    def losses(run_dir):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {row["step"]: row["loss"] for row in rows}
+    def pretrain(run_dir, *extra):
+        polymodal("pretrain", CONFIG, f"run_dir={run_dir}", f"data.shards={cifar_test_shards / 'test'}",
+                  "zero_stage=3", "precision=bf16", "checkpoint.every=2", "checkpoint.keep=5", *SMALL, *extra,
+                  ranks=2)
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     pretrain(whole, "steps=4", "log.images_every=2")
-    start = next(e for e in map(json.loads, (whole / "events.jsonl").read_text().splitlines())
-                 if e["event"] == "start")
+    start = start_event(whole)
     assert (start["world_size"], start["zero_stage"], start["precision"]) == (2, 3, "bf16")
-    assert sorted(p.name for p in (whole / "images").iterdir()) == ["step_0000002.png", "step_0000004.png"]
-    assert all(0.5 < loss < 1.5 for loss in losses(whole).values()), losses(whole)
+    assert pictures(whole) == ["step_0000002.png", "step_0000004.png"]
+    assert all(0.5 < loss < 1.5 for loss in step_losses(whole).values()), step_losses(whole)
 
     # The run as if it had stopped after step 2: its copy with the step-4 checkpoint gone.
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     (resumed / "checkpoints" / "latest").write_text("step_00000002")
     pretrain(resumed, "steps=4", "resume=latest")
-    assert losses(resumed) == losses(whole) and len(losses(whole)) == 4
+    assert step_losses(resumed) == step_losses(whole) and len(step_losses(whole)) == 4
 
-    done = subprocess.run(polymodal_cmd() + ["checkpoint", "export", str(whole), "--format", "timm"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    missing, unexpected = timm.create_model("resnet18").load_state_dict(
-        load_file(str(whole / "timm_backbone.safetensors")), strict=False)
-    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    polymodal("checkpoint", "export", str(whole), "--format", "timm")
+    assert_loads_into_timm_resnet18(whole / "timm_backbone.safetensors")
 
 
 @pytest.mark.gpu
 def test_bf16_on_gpu_trains_and_draws(cifar_test_shards, tmp_path):
     # The GPU path: DeepSpeed bf16 on CUDA (on CPU, bf16 is tested above under ZeRO-3).
-    import subprocess
-
-    from conftest import polymodal_cmd, subprocess_env
-
     run_dir = tmp_path / "run"
-    done = subprocess.run(polymodal_cmd() + [
-        "pretrain", str(REPO / "configs" / "spark-resnet18-cifar.yaml"), f"run_dir={run_dir}",
-        f"data.shards={cifar_test_shards / 'test'}", "steps=20", "data.batch_size=32", "precision=bf16",
-        "optim.warmup_steps=2", "log.images_every=10", "log.progress=false", "checkpoint.every=0"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    start = next(e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
-                 if e["event"] == "start")
+    polymodal("pretrain", CONFIG, f"run_dir={run_dir}", f"data.shards={cifar_test_shards / 'test'}", "steps=20",
+              "data.batch_size=32", "precision=bf16", "optim.warmup_steps=2", "log.images_every=10",
+              "log.progress=false", "checkpoint.every=0", cpu=False)
+    start = start_event(run_dir)
     assert (start["precision"], start["device"]) == ("bf16", "cuda")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows]
     assert sum(losses[-3:]) < sum(losses[:3]) and rows[-1]["skipped_steps"] == 0, losses
-    assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["step_0000010.png", "step_0000020.png"]
+    assert pictures(run_dir) == ["step_0000010.png", "step_0000020.png"]

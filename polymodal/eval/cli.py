@@ -102,8 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            knn_temperature=args.knn_temperature, seed=args.seed)
         t0 = time.perf_counter()
         # Encoding runs under no_grad; not inference_mode, whose tensors the linear probe could not fit on.
-        results = run_suite(args.model, lambda spec: load_seeded_encoder(spec, args.image_size, args.seed, device), datasets,
-                            tasks, opts, Path(args.output), is_main=world.is_main)
+        results = run_suite(args.model, lambda spec: load_seeded_encoder(spec, args.image_size, args.seed, device),
+                            datasets, tasks, opts, Path(args.output), is_main=world.is_main)
         if world.is_main:
             print(f"{len(results)} result(s) in {args.output} ({time.perf_counter() - t0:.0f}s"
                   f"{f', {world.world_size} ranks' if world.world_size > 1 else ''})")

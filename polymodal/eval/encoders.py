@@ -167,11 +167,14 @@ def cache_identity(spec: str, seed: int) -> str:
     (a name without weights is randomly initialised from it)."""
     kind, _, rest = spec.partition(":")
     if kind in ("open_clip", "timm") and rest:
-        files = [rest.partition(":")[2]]
+        weights = Path(rest.partition(":")[2])  # Path("") has no name: no weights file
     else:
-        files = [str(Path(spec) / "model.safetensors") if Path(spec).is_dir() else spec]
-    stamps = [(f, Path(f).stat().st_mtime_ns, Path(f).stat().st_size) for f in files if f and Path(f).is_file()]
-    return json.dumps([spec, stamps, seed])
+        weights = Path(spec) / "model.safetensors" if Path(spec).is_dir() else Path(spec)
+    stamp = None
+    if weights.name and weights.is_file():
+        stat = weights.stat()
+        stamp = [str(weights), stat.st_mtime_ns, stat.st_size]
+    return json.dumps([spec, stamp, seed])
 
 
 def load_seeded_encoder(spec: str, image_size: int | None, seed: int, device: str) -> Encoder:

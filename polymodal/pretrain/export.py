@@ -34,21 +34,24 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def export_safetensors(path: Path, out: Path) -> Path:
-    from safetensors.torch import save_file
-
     if not checkpoint.is_complete(path):
         raise ConfigError(f"{path} is not a complete checkpoint")
     marker = checkpoint.read_marker(path)
-    state = consolidated_state_dict(path)
-    # safetensors refuses tensors that share memory; contiguous copies are plain and portable.
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    metadata = {"format": "pt", "polymodal.objective": json.dumps(marker["objective"]),
-                "polymodal.step": str(marker["step"])}
+    metadata = {"polymodal.objective": json.dumps(marker["objective"]), "polymodal.step": str(marker["step"])}
     if marker.get("image_size"):  # the training resolution, the default for evaluation
         metadata["polymodal.image_size"] = str(marker["image_size"])
+    return _write_safetensors(consolidated_state_dict(path), out, metadata)
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
+    """`state` to `out` atomically (a crash leaves no half-written file under the final name)."""
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share memory; contiguous copies are plain and portable.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
     tmp.replace(out)
     return out
 
@@ -57,25 +60,19 @@ def export_open_clip(path: Path, out: Path) -> Path:
     """A checkpoint of a `clip`/`siglip` objective as an open_clip state dict (safetensors), loadable with
     `open_clip.create_model_and_transforms(name, pretrained=out)` (our own configs: import
     polymodal.models.open_clip_towers first, which registers them with open_clip)."""
-    from safetensors.torch import save_file
-
     marker = checkpoint.read_marker(path)
     if marker["objective"].get("name") not in ("clip", "siglip"):
         raise ConfigError(f"{path}: only clip/siglip checkpoints export to open_clip (this is "
                           f"{marker['objective'].get('name')!r})")
     state = consolidated_state_dict(path)
-    tensors = {k[len("model."):]: v.detach().contiguous().clone() for k, v in state.items() if k.startswith("model.")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"format": "pt", "open_clip.model": marker["objective"].get("model", "")})
-    return out
+    model = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return _write_safetensors(model, out, {"open_clip.model": marker["objective"].get("model", "")})
 
 
 def export_timm(path: Path, out: Path) -> Path:
     """The image backbone of a checkpoint whose objective offers `backbone_state_dict` (spark) as a timm state dict
     (safetensors): `timm.create_model(name)` loads it with only the classifier head missing, and `polymodal eval
     --model timm:NAME:FILE` evaluates it."""
-    from safetensors.torch import save_file
-
     from polymodal.pretrain.objectives import build_objective
 
     marker = checkpoint.read_marker(path)
@@ -84,10 +81,8 @@ def export_timm(path: Path, out: Path) -> Path:
         raise ConfigError(f"{path}: objective {marker['objective'].get('name')!r} has no timm backbone to export "
                           "(spark has)")
     objective.load_state_dict(consolidated_state_dict(path))
-    tensors = {k: v.detach().contiguous().clone() for k, v in objective.backbone_state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"format": "pt", "timm.model": str(marker["objective"].get("model", ""))})
-    return out
+    return _write_safetensors(objective.backbone_state_dict(), out,
+                              {"timm.model": str(marker["objective"].get("model", ""))})
 
 
 def exported_metadata(path: str | Path) -> dict[str, str]:
