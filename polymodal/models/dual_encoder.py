@@ -14,7 +14,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
+from timm.models import group_parameters
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from polymodal.data.errors import ConfigError
 
@@ -50,12 +53,46 @@ class ImageTower(nn.Module):
             self.net = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
             self.width, self.kind = self.net.num_features, "timm"
 
-    def groups(self) -> list[nn.Module]:
-        """Stages in input-to-output order, for LiT-style partial locking."""
+    def groups(self) -> list[list[str]]:
+        """Parameter names (under `self.net`) of the backbone's layer groups, input to output, for LiT-style
+        partial locking. A timm model: timm's own grouping (`group_parameters` with the model's `group_matcher`,
+        as open_clip's TimmModel.lock), coarse: stem, one group per stage, and whatever the matcher does with the
+        rest (EfficientNet joins its head conv and norm to the last stage, ConvNeXt keeps its head norm a group of
+        its own). open_clip asks for the fine grouping (one group per block); stages keep this method's meaning.
+        The packaged EfficientNet-Lite: its own list of stem conv, stem norm, each block, head conv, head norm."""
         if self.kind == "efficientnet-lite":
             net = self.net
-            return [net._conv_stem, net._bn0, *net._blocks, net._conv_head, net._bn1]
-        return list(self.net.children())
+            named = [("_conv_stem", net._conv_stem), ("_bn0", net._bn0),
+                     *((f"_blocks.{i}", block) for i, block in enumerate(net._blocks)),
+                     ("_conv_head", net._conv_head), ("_bn1", net._bn1)]
+            return [[f"{prefix}.{name}" for name, _ in module.named_parameters()] for prefix, module in named]
+        grouped = group_parameters(self.net, self.net.group_matcher(coarse=True))
+        return [grouped[i] for i in sorted(grouped)]
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> None:
+        """Freeze all but the last `unlocked_groups` of `groups()` (all of them when 0). With `freeze_bn_stats`,
+        the locked groups' BatchNorm layers become timm's frozen ones (`freeze_batch_norm_2d`): they normalise with
+        their running statistics, which training no longer updates. A BatchNorm layer counts as locked when its
+        parameters are; one without parameters only when the whole backbone is locked."""
+        if unlocked_groups < 0:
+            raise ConfigError(f"unlocked_groups must be >= 0, not {unlocked_groups}")
+        groups = self.groups()
+        locked = {name for group in groups[:max(len(groups) - unlocked_groups, 0)] for name in group}
+        for name, p in self.net.named_parameters():
+            if name in locked or not unlocked_groups:
+                p.requires_grad = False
+        if not freeze_bn_stats:
+            return
+        for name, module in list(self.net.named_modules()):
+            if not isinstance(module, _BatchNorm):
+                continue
+            own = [f"{name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+            if unlocked_groups and not (own and all(n in locked for n in own)):
+                continue
+            frozen = freeze_batch_norm_2d(module)
+            if frozen is not module:  # timm freezes the 2d kinds (BatchNorm2d, SyncBatchNorm, BatchNormAct2d)
+                parent, _, child = name.rpartition(".")
+                self.net.get_submodule(parent).add_module(child, frozen)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.kind == "efficientnet-lite":
@@ -131,16 +168,10 @@ class DualEncoder(nn.Module):
         out = self.text_proj(self.text(tokens))
         return nn.functional.normalize(out, dim=-1) if normalize else out
 
-    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
-        """Freeze the image backbone except its last `unlocked_groups` top-level stages (LiT)."""
-        groups = self.image.groups()
-        frozen = groups[:len(groups) - unlocked_groups] if unlocked_groups else groups
-        for group in frozen:
-            for p in group.parameters():
-                p.requires_grad = False
-        if not unlocked_groups:
-            for p in self.image.parameters():
-                p.requires_grad = False
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> None:
+        """Freeze the image backbone except its last `unlocked_groups` layer groups (LiT; see ImageTower.groups),
+        and, with `freeze_bn_stats`, the running statistics of the locked groups' BatchNorm layers."""
+        self.image.lock(unlocked_groups, freeze_bn_stats)
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the text encoder except its last `unlocked_layers` transformer layers."""
