@@ -16,7 +16,7 @@ log = logging.getLogger("polymodal.data")
 REASONS = {
     "missing_shard": "a shard file listed in the spec does not exist or cannot be opened",
     "empty_shard": "a shard holds no samples (zero bytes or an empty tar)",
-    "truncated_shard": "a shard ends in the middle of a member (the sample being read is dropped)",
+    "truncated_shard": "a shard ends before its end-of-archive marker (a sample cut inside a member is dropped)",
     "corrupt_shard": "a shard is not a readable tar at all",
     "forbidden_member": "a member whose extension could hold pickled code (.pth, .pyd, .pickle, .pkl)",
     "duplicate_key": "a key seen before in the same shard, or a repeated member inside one sample",

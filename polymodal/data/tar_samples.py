@@ -78,15 +78,15 @@ class _FastTar:
 
     def _data(self) -> bytes:
         data = self._read_exact(self.size, "member data")
-        self._read_exact(self.unread - self.size, "member padding")
-        self.unread = 0
+        # The padding is skipped with the next header: a file cut inside it still holds this member whole.
+        self.unread -= self.size
         return data
 
     def __iter__(self) -> Iterator[Member]:
         first = True
         while True:
             if self.unread:
-                self._read_exact(self.unread, "member data")
+                self._read_exact(self.unread, "member data or padding")
                 self.unread = 0
             header = self.stream.read(_BLOCK)
             if len(header) < _BLOCK:
@@ -162,7 +162,8 @@ def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
     `index` numbers every group of same-key members in file order, including groups that are then skipped,
     so it is a stable position. Skips at sample index >= `count_from` are counted on `counter`; a resumed
     reader passes its cursor so skips it counted before the save are not counted twice (None: count nothing).
-    Never raises for bad content.
+    A shard cut short keeps every sample whose members are whole: only a sample cut inside one of its members
+    is dropped. Never raises for bad content.
     """
 
     def count(reason: str, detail: str, slot: int = 0) -> None:
@@ -180,6 +181,7 @@ def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
     broken = False
     seen: set[str] = set()
     members_read = 0
+    in_member = False  # reading a member's bytes: a cut now leaves the sample in progress incomplete
 
     def finish():
         """The group collected so far, or None when it must be skipped."""
@@ -212,7 +214,9 @@ def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
             if ext in group:
                 broken = True
             # Read after the previous sample went out: a cut inside this member loses only this sample.
+            in_member = True
             group[ext] = read()
+            in_member = False
         done = finish()
         if done is not None:
             yield index, done
@@ -222,9 +226,17 @@ def iter_shard(url: str, counter: SkipCounter | None, allow_pipe: bool = False,
         if members_read == 0:
             reason = "empty_shard" if "empty" in str(exc).lower() else "corrupt_shard"
             count(reason, f"{url}: {exc}")
-        else:
-            count("truncated_shard", f"{url}: {exc} after {members_read} members; the sample in progress is dropped",
-                  index)
+            return
+        detail = f"{url}: {exc} after {members_read} members"
+        if in_member:
+            count("truncated_shard", f"{detail}; the sample it was reading is dropped", index)
+            return
+        # Cut between members: the sample in progress holds only whole members, so it is kept. It is counted
+        # after it went out, at the next slot, so a reader resumed after it counts the cut once.
+        done = finish()
+        if done is not None:
+            yield index, done
+        count("truncated_shard", detail, index + 1)
     finally:
         try:
             stream.close()
