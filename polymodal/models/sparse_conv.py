@@ -19,8 +19,20 @@ What the hooks do, per layer kind:
   maps, so its batch statistics and running averages count visible positions only; results go back to their
   places, zeros elsewhere.
 - GroupNorm is recomputed with per-sample group statistics over visible positions.
-Layers that pool globally inside a block (squeeze-excitation, ConvNeXt-V2's GRN) still average over masked
-positions as well; they never see masked pixels, but their statistics are diluted by the mask ratio.
+- Channel gates that pool globally inside a block, `x * gate(f(mean of x, max of x))`: squeeze-excitation (timm's
+  SEModule, EffectiveSEModule, EfficientNet/MobileNet's SqueezeExcite, the legacy SENet's, HGNet's ESE), ECA and
+  circular ECA, CBAM's channel attention. Their input gets, at each sample's masked positions, the mean of its
+  visible positions (per channel), so their average pool is the visible positions' mean, their max pool the
+  visible positions' max, and their output at visible positions is what it would be; masked positions keep
+  something derived from visible ones only, zeroed before any layer carries it sideways.
+- ConvNeXt-V2's GRN (GlobalResponseNorm, either layout): its input is zeroed at masked positions, so its spatial
+  L2 norm is over visible positions only (masked positions are not zero there: a depthwise convolution's output
+  at a masked position has visible neighbours).
+Layers whose statistics or pooling mix positions in ways not listed here are refused by type (ConfigError): instance
+norms, FilterResponseNorm, EvoNorm, and timm's other attention layers (gather-excite, global context, coordinate,
+strip and local attention, selective kernel, split attention, non-local, bottleneck / halo / lambda attention,
+FocalNet's modulation, the channels-last SqueezeExciteCl). A model-specific layer that pools in its own forward and
+is not among these types is not detected.
 """
 
 from __future__ import annotations
@@ -30,12 +42,28 @@ from typing import Iterator
 
 import timm
 import torch
+from timm import layers
+from timm.layers import bottleneck_attn, cbam, coord_attn, grn, halo_attn, lambda_layer, selective_kernel
+from timm.layers import squeeze_excite
+from timm.models import _efficientnet_blocks, focalnet, hgnet, senet
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from polymodal.data.errors import ConfigError
 
 _MIXING = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)  # timm's Conv2dSame, StdConv2d, MaxPool2dSame... subclass these
+# x * gate(f(global average pool of x [and global max pool of x])), channels first (LightChannelAttn subclasses
+# ChannelAttn).
+_CHANNEL_GATES = (layers.SEModule, layers.EffectiveSEModule, _efficientnet_blocks.SqueezeExcite, senet.SEModule,
+                  hgnet.EseModule, layers.EcaModule, layers.CecaModule, cbam.ChannelAttn)
+# Layers whose statistics or pooling span all positions, which the hooks cannot restrict to visible ones.
+_REFUSED = (nn.modules.instancenorm._InstanceNorm, layers.FilterResponseNormAct2d, layers.FilterResponseNormTlu2d,
+            layers.EvoNorm2dB0, layers.EvoNorm2dB1, layers.EvoNorm2dB2, layers.EvoNorm2dS0, layers.EvoNorm2dS1,
+            layers.EvoNorm2dS2, layers.GatherExcite, layers.GlobalContext, coord_attn.CoordAttn,
+            coord_attn.SimpleCoordAttn, coord_attn.EfficientLocalAttn, coord_attn.StripAttn,
+            selective_kernel.SelectiveKernelAttn, layers.SplitAttn, layers.NonLocalAttn, layers.BatNonLocalAttn,
+            bottleneck_attn.BottleneckAttn, halo_attn.HaloAttn, lambda_layer.LambdaLayer, focalnet.FocalModulation,
+            squeeze_excite.SqueezeExciteCl)
 
 
 def upsample_mask(visible: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
@@ -83,6 +111,14 @@ def group_norm_visible(norm: nn.GroupNorm, x: torch.Tensor, visible: torch.Tenso
     return out.masked_fill(~visible, 0)
 
 
+def fill_visible_mean(x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """`x` [B, C, H, W] with each sample's masked positions set to the mean of its visible positions, per channel:
+    a global average pool of the result is the visible positions' mean, a global max pool their max."""
+    count = visible.sum(dim=(2, 3), keepdim=True).clamp(min=1).to(x.dtype)
+    mean = x.masked_fill(~visible, 0).sum(dim=(2, 3), keepdim=True) / count
+    return torch.where(visible, x, mean)
+
+
 class _MaskedCall:
     """The hooks of one masked forward call. They close over this call's mask; nothing outlives the call."""
 
@@ -111,6 +147,19 @@ class _MaskedCall:
     def unpack_visible(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         visible = self._packed[module].pop()
         return output if visible is None else scatter_visible(output, visible)
+
+    def pool_visible(self, module: nn.Module, args: tuple) -> tuple:
+        x, *rest = args
+        visible = self.at(*x.shape[-2:])
+        return args if visible is None else (fill_visible_mean(x, visible), *rest)
+
+    def zero_masked_response(self, module: grn.GlobalResponseNorm, args: tuple) -> tuple:
+        x, *rest = args
+        channels_last = tuple(module.spatial_dim) == (1, 2)
+        visible = self.at(*(x.shape[1:3] if channels_last else x.shape[-2:]))
+        if visible is None:
+            return args
+        return (x.masked_fill(~(visible.permute(0, 2, 3, 1) if channels_last else visible), 0), *rest)
 
     def renormalise_groups(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         # GroupNorm keeps no running statistics, so recomputing from its input replaces the dense result exactly.
@@ -142,11 +191,12 @@ class SparseEncoder(nn.Module):
         self._mixing = [m for m in self.backbone.modules() if isinstance(m, _MIXING)]
         self._batch_norms = [m for m in self.backbone.modules() if isinstance(m, _BatchNorm)]
         self._group_norms = [m for m in self.backbone.modules() if isinstance(m, nn.GroupNorm)]
-        unsupported = sorted({type(m).__name__ for m in self.backbone.modules()
-                              if isinstance(m, nn.modules.instancenorm._InstanceNorm)})
+        self._channel_gates = [m for m in self.backbone.modules() if isinstance(m, _CHANNEL_GATES)]
+        self._response_norms = [m for m in self.backbone.modules() if isinstance(m, grn.GlobalResponseNorm)]
+        unsupported = sorted({type(m).__name__ for m in self.backbone.modules() if isinstance(m, _REFUSED)})
         if unsupported:
             raise ConfigError(f"config key 'objective.model': {name!r} has {', '.join(unsupported)} layers, whose "
-                              "statistics the sparse encoder cannot restrict to visible positions")
+                              "statistics or pooling the sparse encoder cannot restrict to visible positions")
 
     @property
     def uses_batch_norm(self) -> bool:
@@ -171,6 +221,8 @@ class SparseEncoder(nn.Module):
         handles += [m.register_forward_pre_hook(call.pack_visible) for m in self._batch_norms]
         handles += [m.register_forward_hook(call.unpack_visible) for m in self._batch_norms]
         handles += [m.register_forward_hook(call.renormalise_groups) for m in self._group_norms]
+        handles += [m.register_forward_pre_hook(call.pool_visible) for m in self._channel_gates]
+        handles += [m.register_forward_pre_hook(call.zero_masked_response) for m in self._response_norms]
         try:
             yield call
         finally:
