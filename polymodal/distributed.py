@@ -8,7 +8,10 @@ and Open MPI sets OMPI_COMM_WORLD_RANK/SIZE.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 _ENV_PAIRS = (
     ("RANK", "WORLD_SIZE"),
@@ -35,3 +38,29 @@ def placement() -> Placement:
         if rank_var in os.environ and world_var in os.environ:
             return Placement(int(os.environ[rank_var]), int(os.environ[world_var]))
     return Placement()
+
+
+# Inside `local_only()`, code that would talk to the other ranks (the contrastive losses' all-gathers) acts as a
+# world of one. A context variable, so it holds for this call stack only and ends with the `with` block.
+_local_only: ContextVar[bool] = ContextVar("polymodal_local_only", default=False)
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Run work one rank does alone (counting a batch's FLOPs before training) with world-of-one semantics: no
+    collective is called, so nothing waits for the other ranks and NCCL is never handed CPU tensors."""
+    token = _local_only.set(True)
+    try:
+        yield
+    finally:
+        _local_only.reset(token)
+
+
+def collective_world() -> tuple[int, int]:
+    """(rank, world size) for collectives: those of the initialised process group, or (0, 1) without one or
+    inside `local_only()`."""
+    import torch.distributed as dist
+
+    if _local_only.get() or not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from conftest import polymodal_cmd, subprocess_env
-from polymodal.cli import main, parse_size
+from polymodal.cli import main
+from polymodal.cli_args import parse_size
 from polymodal.config import load_config
 from polymodal.data.config import DataConfig
 from polymodal.data.errors import ConfigError

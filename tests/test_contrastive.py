@@ -34,12 +34,12 @@ def clip_run(emoji_shards, tmp_path_factory):
 def test_clip_trains_and_exports_to_open_clip(clip_run, emoji_shards, tmp_path):
     import open_clip
 
-    from polymodal.pretrain.export import export_open_clip, load_exported
+    from polymodal.pretrain.export import export_checkpoint, load_exported
 
     rows = [json.loads(line) for line in (clip_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows) and rows[0]["tokens_per_s"] > 0
     ours = load_exported(clip_run / "model.safetensors")
-    out = export_open_clip(clip_run / "checkpoints" / "step_00000004", tmp_path / "open_clip.safetensors")
+    out = export_checkpoint(clip_run / "checkpoints" / "step_00000004", "open_clip", tmp_path / "open_clip.safetensors")
     theirs, _, preprocess = open_clip.create_model_and_transforms("polymodal-tiny-vit", pretrained=str(out))
     theirs.eval()
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)

@@ -40,7 +40,7 @@ def rgb(cifar_test_shards) -> torch.Tensor:
 
 def spark(model: str, **extra):
     torch.manual_seed(0)
-    return build_objective({"name": "spark", "model": model, "image_size": SIZE, "decoder_width": 64, **extra})
+    return build_objective({"name": "spark", "model": model, "decoder_width": 64, **extra})
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -131,7 +131,7 @@ def test_eval_reads_a_spark_checkpoint(rgb, tmp_path):
     from polymodal.eval.encoders import load_encoder
 
     objective = spark("resnet18")
-    section = {"name": "spark", "model": "resnet18", "image_size": SIZE, "decoder_width": 64}
+    section = {"name": "spark", "model": "resnet18", "decoder_width": 64}
     save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(tmp_path / "model.safetensors"),
               metadata={"polymodal.objective": json.dumps(section), "polymodal.image_size": str(SIZE)})
     encoder = load_encoder(str(tmp_path))
@@ -159,7 +159,7 @@ def test_loss_falls_when_overfitting_one_batch_and_reconstruction_png(rgb, tmp_p
     # The decoder starts near the patch mean (loss ~1 under norm_pix_loss) and must learn to do better.
     assert 0.9 < sum(losses[:5]) / 5 < 1.1 and sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5, losses
 
-    path = objective.save_reconstruction(batch, tmp_path / "reconstruction.png")
+    path = objective.log_images(batch, tmp_path / "reconstruction.png")
     # One row per image, three columns (input, masked, reconstruction), 2 px grid lines.
     assert Image.open(path).size == (3 * (SIZE + 2) + 2, len(rgb) * (SIZE + 2) + 2)
     assert objective.training
@@ -170,18 +170,27 @@ def test_config_errors_name_the_key():
 
     for name in ("spark-resnet18-cifar", "spark-convnext-cifar"):
         cfg = load_pretrain_config(REPO / "configs" / f"{name}.yaml")
-        assert cfg.objective["image_size"] == cfg.data.image_size
-    with pytest.raises(ConfigError, match="objective.image_size"):
-        spark("resnet18", image_size=32)  # a single patch at stride 32
+        spark(cfg.objective["model"]).check_run(cfg, zero_stage=0)  # the shipped sizes pass
+    # The images come at data.image_size: that is the size checked, with at least 2 visible patches.
+    cfg = load_pretrain_config(REPO / "configs" / "spark-resnet18-cifar.yaml", ["data.image_size=32"])
+    with pytest.raises(ConfigError, match="data.image_size.*at least 64 px, got 32"):
+        spark("resnet18").check_run(cfg, zero_stage=0)  # a single patch at stride 32: nothing would stay visible
+    with pytest.raises(ConfigError, match="data.image_size.*got 80"):
+        spark("resnet18").check_image_size(80)  # not a multiple of the stride
+    with pytest.raises(ConfigError, match="data.image_size.*at least 96 px, got 64"):
+        spark("resnet18", mask_ratio=0.75).check_image_size(64)  # 2x2 patches, only 1 visible at this ratio
+    spark("resnet18").check_image_size(64)  # 2x2 patches, 2 visible at 0.6
     with pytest.raises(ConfigError, match="objective.mask_ratio"):
         spark("resnet18", mask_ratio=1.0)
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         spark("resnet18").set_grad_checkpointing(True)
+    with pytest.raises(ConfigError, match="objective.image_size"):
+        spark("resnet18", image_size=64)  # the images' size is data.image_size alone
 
 
 CONFIG = str(REPO / "configs" / "spark-resnet18-cifar.yaml")
 # Small runs on CPU: 8 images of 64 px a step, a narrow decoder, no console or TensorBoard output.
-SMALL = ["data.batch_size=8", "data.image_size=64", "objective.image_size=64", "objective.decoder_width=64",
+SMALL = ["data.batch_size=8", "data.image_size=64", "objective.decoder_width=64",
          "log.progress=false", "log.tensorboard=false", "data.num_workers=1"]
 
 

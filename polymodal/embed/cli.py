@@ -34,6 +34,24 @@ examples:
 Exit codes: 0 done, 2 bad input (one line naming it)."""
 
 
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """`polymodal embed`, `polymodal index` and `polymodal search`."""
+    embed = commands.add_parser("embed", help="embeddings of shards, image folders or caption files "
+                                "(clip-retrieval layout)", description=EMBED_DESCRIPTION,
+                                epilog=EMBED_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_embed_arguments(embed)
+    index = commands.add_parser("index", help="build a faiss index over `polymodal embed` output",
+                                description="Build OUT/image.index and/or OUT/text.index (faiss, inner product: "
+                                            "cosine for normalised embeddings) from the finished parts of OUT.",
+                                epilog="example: polymodal index emb/pairs --factory IVF256,Flat")
+    add_index_arguments(index)
+    search = commands.add_parser("search", help="nearest neighbours of a text or image query in an index",
+                                 description="Encode QUERY (text, or an image file) with the model that made the "
+                                             "embeddings and print the top-k rows: score, key and caption.",
+                                 epilog='example: polymodal search "a red car" --embeddings emb/pairs -k 5')
+    add_search_arguments(search)
+
+
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model spec (see above)")
     parser.add_argument("--input", required=True, help="shards, image folder or caption file (see above)")

@@ -34,6 +34,14 @@ Output: OUTPUT/{dataset}_{model}_{task}.json each; with several results also res
 results.png. Exit codes: 0 done, 2 bad input (one line naming it)."""
 
 
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """`polymodal eval`."""
+    parser = commands.add_parser("eval", help="zero-shot, retrieval, linear probe and kNN evaluation",
+                                 description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, help="model spec (repeat for several)")
     parser.add_argument("--dataset", action="append", required=True, help="dataset spec (repeat for several)")
@@ -74,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from polymodal.cli import _lines_or_list
+    from polymodal.cli_args import lines_or_list
     from polymodal.eval.datasets import resolve_dataset, template_option
     from polymodal.eval.encoders import load_seeded_encoder
     from polymodal.eval.suite import run_suite
@@ -91,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         device = args.device or str(world.device)
         cache = cache_folder(args.cache_dir)
-        classnames = _lines_or_list(args.classnames)
+        classnames = lines_or_list(args.classnames)
         templates = template_option(args.templates)
         datasets = [resolve_dataset(spec, train=args.train, cache_dir=cache / "datasets", classnames=classnames,
                                     templates=templates, quiet=args.quiet) for spec in args.dataset]

@@ -144,3 +144,21 @@ def template_option(value: str | None) -> list[str] | None:
     if "{c}" not in value:
         raise ConfigError(f"--templates {value!r}: not a file, 'openai_imagenet', or a template with {{c}}")
     return [value]
+
+
+def check_dataset_spec(spec: str, key: str, labelled: bool = False) -> None:
+    """Fail now, naming config key `key`, when `spec` names no readable dataset, or (`labelled`) one without class
+    names; a training run calls this at start rather than finding out after training. Raw sources are only looked
+    at, not converted."""
+    _, _, rest = spec.partition("=")
+    path = Path(rest if rest and not Path(spec).exists() else spec)
+    where = "" if path.is_absolute() else f" (relative paths are read from the current folder, {Path.cwd()})"
+    try:
+        if path.exists() and is_raw_source(path):
+            return
+        dataset = resolve_dataset(str(path), cache_dir=Path.cwd())  # the cache is only written for raw sources
+    except ConfigError as exc:
+        raise ConfigError(f"config key {key!r}: {exc}{where}") from None
+    if labelled and not dataset.classnames:
+        raise ConfigError(f"config key {key!r}: {path} has no classnames.txt beside its shards (zero-shot "
+                          "classification needs class names)")

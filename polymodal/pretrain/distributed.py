@@ -117,6 +117,17 @@ def start_process_group(timeout_minutes: float = 30) -> World:
     return world
 
 
+def patient_barrier(world: World, hours: float = 24) -> None:
+    """A barrier for waits that may outlast the process group's time-out, such as rank 0 consolidating and
+    exporting a large ZeRO-3 checkpoint while the others wait: a gloo group of its own with a long time-out (a
+    CPU barrier, so NCCL's watchdog has nothing pending meanwhile)."""
+    if world.world_size == 1 or not torch.distributed.is_initialized():
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=hours))
+    torch.distributed.barrier(group=group)
+    torch.distributed.destroy_process_group(group)
+
+
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

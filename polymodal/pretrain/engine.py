@@ -79,14 +79,49 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @dataclass
 class StepResult:
-    """What one optimizer step did on this rank, before the values are averaged over ranks."""
+    """What one optimizer step did on this rank. The tensors stay on the device (nothing here waits for it) until
+    `Engine.reduce` averages a run of steps over ranks in one all-reduce."""
     metrics: dict[str, Any] = field(default_factory=dict)  # 0-dim tensors summed over micro-batches
     micro_batches: int = 0
     samples: int = 0
     tokens: int = 0
     nonfinite: Any = 0.0  # count of non-finite micro-batch losses (a tensor)
-    skipped: bool = False
+    skipped: Any = 0.0  # 1.0 when the optimizer skipped the update (a tensor, the same on every rank)
     data_wait: float = 0.0
+
+
+@dataclass
+class ReducedStep:
+    """One step's figures over all ranks: metrics averaged over ranks and micro-batches, counts summed."""
+    metrics: dict[str, float]
+    samples: int
+    tokens: int
+    bad: bool  # the loss or a gradient was not finite: the step changed nothing
+    data_wait: float  # seconds, mean over ranks
+
+
+class BufferSnapshot:
+    """A device-side copy of the buffers a forward pass changes (BatchNorm's running statistics), put back where a
+    device-side flag says the step was skipped: a skipped step leaves them unchanged without the host waiting for
+    the device. One flat copy per dtype keeps it to a few kernel launches whatever the number of layers."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in buffers:
+            self.groups.setdefault(buffer.dtype, []).append(buffer)
+        self.saved: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self) -> None:
+        self.saved = {dtype: torch.cat([b.detach().reshape(-1) for b in group]) for dtype, group in self.groups.items()}
+
+    @torch.no_grad()
+    def restore_where(self, skipped: torch.Tensor) -> None:
+        for dtype, group in self.groups.items():
+            now = torch.cat([b.reshape(-1) for b in group])
+            kept = torch.where(skipped.to(now.device) > 0, self.saved[dtype], now)
+            # A private but long-standing multi-tensor copy (torch >= 2.1): one launch for all the buffers.
+            torch._foreach_copy_(group, [part.view_as(b) for part, b in zip(kept.split([b.numel() for b in group]),
+                                                                              group)])
 
 
 def match_norm_statistics(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -111,7 +146,6 @@ class Engine:
 
         self.cfg, self.world = cfg, world
         self.precision, self.stage = resolve_precision_and_stage(cfg, world)
-        objective.check_engine(self.stage)
         if cfg.activation_checkpointing:
             objective.set_grad_checkpointing(True)
         self.optimizer, scheduler = build_optimizer(objective, cfg.optim, cfg.steps)
@@ -132,6 +166,7 @@ class Engine:
         if cfg.compile:
             self.ds.compile()
         self.objective = objective
+        self.buffers = BufferSnapshot(objective.mutable_buffers())
 
     @property
     def module(self) -> Objective:
@@ -159,14 +194,13 @@ class Engine:
         """Forward/backward over grad_accum micro-batches, then DeepSpeed's optimizer step (at the boundary).
 
         A non-finite loss is turned into NaN gradients (loss * NaN), so the guarded optimizer skips the step on
-        every rank; `poison` does the same on purpose (fault injection). Nothing here waits for the device:
-        metrics stay tensors until `average_over_ranks`.
+        every rank; `poison` does the same on purpose (fault injection). Nothing here waits for the device: the
+        skip decision, the restore of batch-norm statistics and the metrics all stay on it until `reduce`.
         """
         result = StepResult()
         skipped_before = self.ds.skipped_steps  # counts fp16 loss-scale overflows
-        # Batch-norm statistics change in forward; a skipped step must not keep NaNs there either.
-        buffers = [b for b in self.ds.module.buffers() if b.is_floating_point()]
-        saved = [b.clone() for b in buffers]
+        self.optimizer.skipped = None
+        self.buffers.take()  # forward changes batch-norm statistics; a skipped step must not keep NaNs there
         nonfinite = torch.zeros((), device=self.world.device)
         for _ in range(self.cfg.grad_accum):
             waited = time.perf_counter()
@@ -188,29 +222,43 @@ class Engine:
                 value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                 result.metrics[key] = result.metrics.get(key, 0.0) + value.to(nonfinite.device)
         result.nonfinite = nonfinite + float(poison)
-        # fp16 loss-scale overflows (DeepSpeed skips those itself) are routine while the scale settles: they
-        # restore the buffers too but do not count as faults unless the loss itself was not finite.
-        result.skipped = self.optimizer.skipped_last
-        if result.skipped or self.ds.skipped_steps != skipped_before:
-            with torch.no_grad():
-                for buffer, before in zip(buffers, saved):
-                    buffer.copy_(before)
+        overflowed = self.ds.skipped_steps != skipped_before
+        if overflowed or self.optimizer.skipped is None:
+            # An fp16 loss-scale overflow: DeepSpeed skipped the step before our optimizer ran. Routine while the
+            # scale settles, so not a fault (unless the loss itself was not finite), but the buffers go back too.
+            self.buffers.restore_where(torch.ones((), device=self.world.device))
+            result.skipped = torch.zeros((), device=self.world.device)
+        else:
+            result.skipped = self.optimizer.skipped
+            self.buffers.restore_where(result.skipped)
         return result
 
-    def average_over_ranks(self, result: StepResult, stop_requested: bool) -> tuple[dict[str, float], dict]:
-        """One all-reduce: metrics averaged over ranks and micro-batches, sample counts summed, flags OR-ed."""
-        keys = sorted(result.metrics)
+    def reduce(self, results: list[StepResult], stop_requested: bool) -> tuple[list[ReducedStep], bool]:
+        """The steps since the last call over all ranks, in one all-reduce and one wait for the device: per step,
+        metrics averaged over ranks and micro-batches, sample counts summed, flags OR-ed; and whether any rank
+        was asked to stop."""
+        keys = sorted(results[0].metrics)
         device = self.world.device
-        counters = torch.tensor([result.micro_batches, result.samples, result.tokens, float(result.skipped),
-                                 float(stop_requested), result.data_wait], dtype=torch.float64, device=device)
-        tensor = torch.cat([torch.stack([result.metrics[k].double() for k in keys]).to(device),
-                            torch.as_tensor(result.nonfinite, dtype=torch.float64, device=device).view(1),
-                            counters])
+        rows = []
+        for r in results:
+            if sorted(r.metrics) != keys:
+                raise RuntimeError(f"objective metrics changed between steps: {keys} then {sorted(r.metrics)}")
+            counters = torch.tensor([r.micro_batches, r.samples, r.tokens, r.data_wait], dtype=torch.float64,
+                                    device=device)
+            flags = torch.stack([torch.as_tensor(r.nonfinite, device=device).double().reshape(()),
+                                 torch.as_tensor(r.skipped, device=device).double().reshape(())])
+            rows.append(torch.cat([torch.stack([r.metrics[k].double() for k in keys]).to(device), flags, counters]))
+        tensor = torch.cat([torch.stack(rows).flatten(), torch.tensor([float(stop_requested)], dtype=torch.float64,
+                                                                       device=device)])
         if self.world.world_size > 1:
             dist.all_reduce(tensor)
-        summed = tensor.tolist()
-        nonfinite, micro, samples, tokens, skipped, stop, data_wait = summed[len(keys):]
-        metrics = {k: v / micro for k, v in zip(keys, summed)}
-        flags = {"samples": int(samples), "tokens": int(tokens), "nonfinite_loss": nonfinite > 0,
-                 "skipped": skipped > 0, "stop": stop > 0, "data_wait": data_wait / self.world.world_size}
-        return metrics, flags
+        values = tensor.tolist()
+        stop = values.pop() > 0
+        width = len(keys) + 6
+        out = []
+        for i in range(len(results)):
+            *metric_sums, nonfinite, skipped, micro, samples, tokens, data_wait = values[i * width:(i + 1) * width]
+            out.append(ReducedStep(metrics={k: v / micro for k, v in zip(keys, metric_sums)}, samples=int(samples),
+                                   tokens=int(tokens), bad=nonfinite > 0 or skipped > 0,
+                                   data_wait=data_wait / self.world.world_size))
+        return out, stop

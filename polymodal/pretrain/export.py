@@ -1,6 +1,7 @@
-"""Consolidated weights out of any checkpoint (ZeRO 0-3) into safetensors, and DeepSpeed universal checkpoints.
+"""Consolidated fp32 weights out of any checkpoint (ZeRO 0-3) into safetensors, in registered formats, and DeepSpeed
+universal checkpoints.
 
-The safetensors file holds the objective's state dict with its config in the metadata, so `load_exported`
+The polymodal format holds the objective's state dict with its config in the metadata, so `load_exported`
 rebuilds the same module without DeepSpeed. Universal checkpoints let a run resume at another world size.
 """
 
@@ -11,7 +12,9 @@ import logging
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,28 +25,49 @@ log = logging.getLogger("polymodal")
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights (and buffers) of a checkpoint, gathered from however many ZeRO shards it has."""
+    """fp32 master weights (and buffers) of a checkpoint, gathered from however many ZeRO shards it has.
+
+    At ZeRO 1-3 DeepSpeed's zero_to_fp32 reads the master copies from the optimizer shards. At ZeRO 0 the module's
+    own weights are the masters only in fp32; under bf16/fp16 they are half-precision casts, and the fp32 masters
+    sit in the optimizer's state, so every stage exports the same fp32 weights."""
     marker = checkpoint.read_marker(path)
-    if marker["zero_stage"] == 0:
-        # Whole model in one file; DeepSpeed's pickle (our own file, so full unpickling is acceptable).
-        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if marker["zero_stage"] != 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-
-
-def export_safetensors(path: Path, out: Path) -> Path:
-    if not checkpoint.is_complete(path):
-        raise ConfigError(f"{path} is not a complete checkpoint")
-    marker = checkpoint.read_marker(path)
-    metadata = {"polymodal.objective": json.dumps(marker["objective"]), "polymodal.step": str(marker["step"])}
-    if marker.get("image_size"):  # the training resolution, the default for evaluation
-        metadata["polymodal.image_size"] = str(marker["image_size"])
-    return _write_safetensors(consolidated_state_dict(path), out, metadata)
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    # Whole model in one file; DeepSpeed's pickle (our own file, so full unpickling is acceptable).
+    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    if marker.get("precision", "fp32") != "fp32":
+        state.update(_zero0_masters(states["optimizer"], marker["objective"]))
+    return state
 
 
-def _write_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
+def _zero0_masters(optimizer_state: dict, objective: dict) -> dict[str, torch.Tensor]:
+    """The fp32 master copy of each trainable parameter from DeepSpeed's ZeRO-0 half-precision optimizer state
+    (FP16_UnfusedOptimizer: a list of tensors per group; FP16_Optimizer: one flat tensor per group). The groups
+    hold the parameters in the order polymodal.pretrain.optim built them, which the objective rebuilds."""
+    from polymodal.pretrain.objectives import build_objective
+    from polymodal.pretrain.optim import param_group_names
+
+    model = build_objective(dict(objective))
+    groups = param_group_names(model)
+    shapes = dict((name, p.shape) for name, p in model.named_parameters())
+    if "fp32_groups" in optimizer_state:
+        tensors = optimizer_state["fp32_groups"]
+    elif "fp32_groups_flat" in optimizer_state:
+        tensors = [flat.split([shapes[n].numel() for n in names])
+                   for flat, (names, _) in zip(optimizer_state["fp32_groups_flat"], groups)]
+    else:
+        raise ConfigError(f"this ZeRO-0 checkpoint's optimizer state holds no fp32 master weights "
+                          f"(keys: {', '.join(optimizer_state)})")
+    if [len(t) for t in tensors] != [len(names) for names, _ in groups]:
+        raise ConfigError("the checkpoint's fp32 master weights do not match the objective's parameter groups")
+    return {name: t.detach().float().reshape(shapes[name]) for (names, _), group in zip(groups, tensors)
+            for name, t in zip(names, group)}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
     """`state` to `out` atomically (a crash leaves no half-written file under the final name)."""
     from safetensors.torch import save_file
 
@@ -56,33 +80,68 @@ def _write_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict
     return out
 
 
-def export_open_clip(path: Path, out: Path) -> Path:
-    """A checkpoint of a `clip`/`siglip` objective as an open_clip state dict (safetensors), loadable with
-    `open_clip.create_model_and_transforms(name, pretrained=out)` (our own configs: import
-    polymodal.models.open_clip_towers first, which registers them with open_clip)."""
+# Export formats: `checkpoint export --format NAME` dispatches here. `polymodal` serves every objective; an
+# objective lists the others it supports in `Objective.export_formats`, and the module that knows the format
+# registers its converter next to the objective (open_clip in contrastive.py, timm in spark.py).
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    default_file: str  # under RUN_DIR
+    # (checkpoint folder) -> (tensors, metadata) to write
+    convert: Callable[[Path], tuple[dict[str, torch.Tensor], dict[str, str]]]
+
+
+_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_export(name: str, default_file: str):
+    def add(convert):
+        _FORMATS[name] = ExportFormat(name, default_file, convert)
+        return convert
+
+    return add
+
+
+@register_export("polymodal", "model.safetensors")
+def polymodal_format(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The objective's whole state with its config, for load_exported and `polymodal eval`."""
     marker = checkpoint.read_marker(path)
-    if marker["objective"].get("name") not in ("clip", "siglip"):
-        raise ConfigError(f"{path}: only clip/siglip checkpoints export to open_clip (this is "
-                          f"{marker['objective'].get('name')!r})")
-    state = consolidated_state_dict(path)
-    model = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return _write_safetensors(model, out, {"open_clip.model": marker["objective"].get("model", "")})
+    metadata = {"polymodal.objective": json.dumps(marker["objective"]), "polymodal.step": str(marker["step"])}
+    if marker.get("image_size"):  # the training resolution, the default for evaluation
+        metadata["polymodal.image_size"] = str(marker["image_size"])
+    return consolidated_state_dict(path), metadata
 
 
-def export_timm(path: Path, out: Path) -> Path:
-    """The image backbone of a checkpoint whose objective offers `backbone_state_dict` (spark) as a timm state dict
-    (safetensors): `timm.create_model(name)` loads it with only the classifier head missing, and `polymodal eval
-    --model timm:NAME:FILE` evaluates it."""
+def load_checkpoint_objective(path: Path):
+    """The checkpoint's objective module with its consolidated fp32 weights (for converters that need the model)."""
     from polymodal.pretrain.objectives import build_objective
 
-    marker = checkpoint.read_marker(path)
-    objective = build_objective(dict(marker["objective"]))
-    if not hasattr(objective, "backbone_state_dict"):
-        raise ConfigError(f"{path}: objective {marker['objective'].get('name')!r} has no timm backbone to export "
-                          "(spark has)")
+    objective = build_objective(dict(checkpoint.read_marker(path)["objective"]))
     objective.load_state_dict(consolidated_state_dict(path))
-    return _write_safetensors(objective.backbone_state_dict(), out,
-                              {"timm.model": str(marker["objective"].get("model", ""))})
+    return objective
+
+
+def export_checkpoint(path: Path, fmt: str = "polymodal", out: Path | None = None) -> Path:
+    """Write checkpoint `path` in format `fmt` to `out` (default: RUN_DIR/<the format's file>)."""
+    from polymodal.pretrain.objectives import objective_class
+
+    if not checkpoint.is_complete(path):
+        raise ConfigError(f"{path} is not a complete checkpoint")
+    name = checkpoint.read_marker(path)["objective"].get("name", "")
+    offered = objective_class(name).export_formats  # importing the objectives registers their formats
+    if fmt not in offered:
+        raise ConfigError(f"--format {fmt}: objective {name!r} exports to {', '.join(offered)}"
+                          + ("" if fmt in _FORMATS else f" (known formats: {', '.join(sorted(_FORMATS))})"))
+    chosen = _FORMATS[fmt]
+    tensors, metadata = chosen.convert(path)
+    return write_safetensors(tensors, out or path.parent.parent / chosen.default_file, metadata)
+
+
+def export_safetensors(path: Path, out: Path) -> Path:
+    """The polymodal format (what training writes to RUN_DIR/model.safetensors at the end)."""
+    return export_checkpoint(path, "polymodal", out)
 
 
 def exported_metadata(path: str | Path) -> dict[str, str]:

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from polymodal.distributed import local_only
+
 # Dense peak FLOP/s of one device by precision (vendor datasheets; fp32 means TF32 tensor cores on GPUs).
 # Matched against torch.cuda.get_device_name(); set `peak_flops` in the config for anything else.
 PEAK_FLOPS = {
@@ -36,13 +38,16 @@ def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
 def training_flops_per_sample(objective: torch.nn.Module, batch: dict[str, Any], samples: int = 2) -> float:
     """3x the forward FLOPs per sample (forward + backward, the usual MFU convention; recomputation under
     activation checkpointing is not counted). Runs in eval mode with the RNG untouched, so that counting
-    changes neither batch-norm statistics nor the training trajectory."""
+    changes neither batch-norm statistics nor the training trajectory, and as a world of one (`local_only`): one
+    rank counts its own slice on the CPU before the engine exists, and a collective there would wait for ranks
+    that are not calling it, or hand NCCL CPU tensors."""
     part = slice_batch(batch, samples)
     n = len(part["__key__"]) if "__key__" in part else samples
     was_training = objective.training
     objective.eval()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), local_only(), \
+                FlopCounterMode(display=False) as counter:
             objective(part)
     finally:
         objective.train(was_training)

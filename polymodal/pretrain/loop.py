@@ -24,19 +24,15 @@ from polymodal.config import to_yaml
 from polymodal.data.errors import ConfigError
 from polymodal.data.pipeline import ShardLoader
 from polymodal.distributed import Placement
-from polymodal.pretrain import checkpoint
+from polymodal.pretrain import TrainingAborted, checkpoint
 from polymodal.pretrain.config import PretrainConfig
-from polymodal.pretrain.distributed import World, init_distributed, shutdown
-from polymodal.pretrain.engine import Engine, resolve_precision_and_stage, to_device
+from polymodal.pretrain.distributed import World, init_distributed, patient_barrier, shutdown
+from polymodal.pretrain.engine import Engine, StepResult, resolve_precision_and_stage, to_device
 from polymodal.pretrain.flops import device_peak_flops, training_flops_per_sample
 from polymodal.pretrain.objectives import build_objective
 from polymodal.pretrain.runlog import RunLog, memory_gb
 
 log = logging.getLogger("polymodal")
-
-
-class TrainingAborted(RuntimeError):
-    """Training stopped on purpose (too many non-finite steps); the message says what to do."""
 
 
 @dataclass
@@ -107,41 +103,6 @@ class StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def evaluate_exported(cfg: PretrainConfig, weights: Path, runlog: RunLog) -> dict:
-    """Retrieval and zero-shot on held-out data with the exported weights (which also proves the export).
-
-    Runs on rank 0 alone (the others wait at a barrier), so the tasks run undistributed.
-    """
-    import json
-
-    from polymodal.eval.datasets import resolve_dataset
-    from polymodal.eval.encoders import load_encoder
-    from polymodal.eval.tasks import TaskOptions, cache_folder, zeroshot_classification, zeroshot_retrieval
-
-    model = load_encoder(str(weights), cfg.data.image_size)
-    opts = TaskOptions(num_workers=min(cfg.data.num_workers, 2), progress=cfg.log.progress, distributed=False)
-    cache = cache_folder(None) / "datasets"
-    results, lines = {}, []
-    if cfg.evaluate.retrieval_shards:
-        dataset = resolve_dataset(cfg.evaluate.retrieval_shards, cache_dir=cache)
-        metrics = results["retrieval"] = zeroshot_retrieval(model, dataset, opts)
-        lines += [f"retrieval on {metrics['images']} held-out pairs ({cfg.evaluate.retrieval_shards}):",
-                  f"{'':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
-        for label, key in (("text->image", "image_retrieval"), ("image->text", "text_retrieval")):
-            lines.append(f"{label:<14}" + "".join(f"{100 * metrics[f'{key}_recall@{k}']:>7.1f}%" for k in (1, 5, 10)))
-    if cfg.evaluate.zeroshot:
-        lines.append(f"zero-shot classification:{'':<15}{'top-1':>8}{'top-5':>8}{'mean recall':>13}")
-        for shards in cfg.evaluate.zeroshot:
-            dataset = resolve_dataset(shards, cache_dir=cache)
-            metrics = results[f"zeroshot:{shards}"] = zeroshot_classification(model, dataset, opts)
-            lines.append(f"  {shards[-36:]:<38}{100 * metrics['acc1']:>7.1f}%{100 * metrics['acc5']:>7.1f}%"
-                         f"{100 * metrics['mean_per_class_recall']:>12.1f}%")
-    (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    runlog.event("evaluate", cfg.steps, results=results)
-    print("\n".join(lines), flush=True)
-    return results
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     world = init_distributed()
     try:
@@ -158,6 +119,7 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     objective = build_objective(cfg.objective)
+    objective.check_run(cfg, stage)  # before any data is read or any step taken
     seed = cfg.seed * 1000 + world.rank + 1  # then different randomness per rank (dropout, masking)
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
 
@@ -214,52 +176,69 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
             runlog.event("checkpoint", step, tag=path.name)
         return path
 
-    # Pictures of the objective's work (spark's reconstructions) on the first batch, written by rank 0. Under ZeRO-3
-    # every rank runs the forward too (with no file), since the partitioned weights are gathered collectively.
-    draw = getattr(objective, "save_reconstruction", None) if cfg.log.images_every else None
-    if draw is not None and not world.is_main and stage != 3:
-        draw = None
+    def sync_point(step: int) -> bool:
+        """Steps at which the ranks compare notes (one all-reduce, the host waits for the device): logging,
+        checkpoints, pictures and the last step. Faults and stop requests are acted on there."""
+        return (step % cfg.log.every == 0 or step == cfg.steps
+                or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                or bool(cfg.log.images_every and step % cfg.log.images_every == 0))
+
+    # Pictures of the objective's work on the first batch, written by rank 0. Under ZeRO-3 every rank runs the
+    # forward too (with no file), since the partitioned weights are gathered collectively.
+    draws = bool(cfg.log.images_every) and (world.is_main or stage == 3)
     stop = StopFlag()
     step, in_a_row, last_good, saved_at = start.step, 0, start.step, None
+    pending: list[StepResult] = []
+    interval_began = time.perf_counter()
     outcome = "end"
     try:
         while step < cfg.steps:
-            began = time.perf_counter()
-            lr = engine.lr()
-            result = engine.step(batches, poison=(step + 1) in cfg.faults.inject_nonfinite_steps)
-            metrics, flags = engine.average_over_ranks(result, stop.requested)
+            lr = engine.lr()  # the rate the logged (last) step of an interval ran at
+            pending.append(engine.step(batches, poison=(step + 1) in cfg.faults.inject_nonfinite_steps))
             step += 1
-            seconds = time.perf_counter() - began
-            samples_seen += flags["samples"]
-            bad = flags["skipped"] or flags["nonfinite_loss"]
-            if bad:
-                skipped_total += 1
-                in_a_row += 1
-                if runlog:
-                    runlog.event("nonfinite", step, loss=metrics.get("loss"), in_a_row=in_a_row)
-            else:
-                in_a_row, last_good = 0, step
-            if runlog and (step % cfg.log.every == 0 or bad or step == cfg.steps):
-                flops = flops_per_sample * flags["samples"] / seconds / world.world_size
+            if not sync_point(step):
+                continue
+            reduced, stop_requested = engine.reduce(pending, stop.requested)
+            seconds = time.perf_counter() - interval_began
+            first_step = step - len(pending) + 1
+            pending = []
+            samples = sum(r.samples for r in reduced)
+            worst = None  # (length, first step, last step) of the longest run of non-finite steps seen here
+            for at, r in enumerate(reduced, start=first_step):
+                samples_seen += r.samples
+                if r.bad:
+                    skipped_total += 1
+                    in_a_row += 1
+                    if worst is None or in_a_row >= worst[0]:
+                        worst = (in_a_row, at - in_a_row + 1, at)
+                    if runlog:
+                        runlog.event("nonfinite", at, loss=r.metrics.get("loss"), in_a_row=in_a_row)
+                        runlog.step({"step": at, "time": time.time(), "epoch": loader.epoch, **r.metrics,
+                                     "grad_norm": None, "skipped_steps": skipped_total, "samples": samples_seen})
+                else:
+                    in_a_row, last_good = 0, at
+            last = reduced[-1]
+            if runlog and not last.bad:
+                tokens = sum(r.tokens for r in reduced)
+                flops = flops_per_sample * samples / seconds / world.world_size
                 runlog.step({
-                    "step": step, "time": time.time(), "epoch": loader.epoch, **metrics, "lr": lr,
-                    "grad_norm": None if bad else engine.grad_norm(),
-                    "samples_per_s": flags["samples"] / seconds,
-                    "tokens_per_s": flags["tokens"] / seconds if flags["tokens"] else None,
-                    "data_wait": min(1.0, flags["data_wait"] / seconds), "flops_per_s": flops,
+                    "step": step, "time": time.time(), "epoch": loader.epoch, **last.metrics, "lr": lr,
+                    "grad_norm": engine.grad_norm(), "samples_per_s": samples / seconds,
+                    "tokens_per_s": tokens / seconds if tokens else None,
+                    "data_wait": min(1.0, sum(r.data_wait for r in reduced) / seconds), "flops_per_s": flops,
                     "mfu": flops / peak if peak else None, "mem_gb": memory_gb(world.device),
                     "skipped_steps": skipped_total, "samples": samples_seen})
-            if in_a_row >= cfg.faults.max_nonfinite_in_row:
+            if worst is not None and worst[0] >= cfg.faults.max_nonfinite_in_row:
                 path = save(step)
                 saved_at = step
-                message = (f"{in_a_row} non-finite steps in a row (steps {last_good + 1}-{step}); none of them "
-                           f"changed the weights, so the checkpoint {path} holds the model as it was after step "
-                           f"{last_good}, with the data position past the bad batches. Lower optim.lr, raise "
-                           "optim.warmup_steps or check the data, then continue with resume=latest")
+                message = (f"{worst[0]} non-finite steps in a row (steps {worst[1]}-{worst[2]}); none of them changed "
+                           f"the weights, so the checkpoint {path} holds the model as it was after step {last_good}, "
+                           "with the data position past the bad batches. Lower optim.lr, raise optim.warmup_steps or "
+                           "check the data, then continue with resume=latest")
                 if runlog:
                     runlog.event("abort", step, message=message)
                 raise TrainingAborted(message)
-            if flags["stop"]:
+            if stop_requested:
                 save(step)
                 saved_at, outcome = step, "preempted"
                 if runlog:
@@ -267,13 +246,14 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
                     runlog.write(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step {step}, "
                                  "exiting; continue with resume=latest")
                 break
-            if draw is not None and step % cfg.log.images_every == 0:
-                draw(to_device(first, world.device),
-                     run_dir / "images" / f"step_{step:07d}.png" if world.is_main else None)
+            if draws and step % cfg.log.images_every == 0:
+                objective.log_images(to_device(first, world.device),
+                                     run_dir / "images" / f"step_{step:07d}.png" if world.is_main else None)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 kill = cfg.faults.inject_kill_in_checkpoint == step
                 save(step, kill=kill)
                 saved_at = step
+            interval_began = time.perf_counter()
         if outcome == "end" and saved_at != step:
             save(step)
     finally:
@@ -282,16 +262,29 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
 
     exported = None
     if outcome == "end" and cfg.checkpoint.export:
-        if world.is_main:
-            from polymodal.pretrain.export import export_safetensors
-
-            exported = export_safetensors(run_dir / "checkpoints" / checkpoint.tag_for(step),
-                                          run_dir / "model.safetensors")
-            if cfg.evaluate.retrieval_shards or cfg.evaluate.zeroshot:
-                evaluate_exported(cfg, exported, runlog)
-        if dist.is_initialized() and world.world_size > 1:
-            dist.barrier()
+        exported = export_and_evaluate(cfg, objective, world, run_dir, step, runlog)
     if runlog and outcome == "end":
         runlog.event("end", step, exported=str(exported) if exported else None)
     return {"outcome": outcome, "rank": world.rank, "step": step, "run_dir": str(run_dir), "skipped_steps": skipped_total,
             "exported": str(exported) if exported else None}
+
+
+def export_and_evaluate(cfg: PretrainConfig, objective, world: World, run_dir: Path, step: int,
+                        runlog: RunLog | None) -> Path:
+    """Rank 0 writes RUN_DIR/model.safetensors from the last checkpoint; then every rank takes part in the
+    objective's end-of-run evaluation of that file. The others wait for the export at a barrier with no short
+    time-out (consolidating a large ZeRO-3 model can take longer than the process group's)."""
+    import json
+
+    from polymodal.pretrain.export import export_safetensors
+
+    exported = run_dir / "model.safetensors"
+    if world.is_main:
+        export_safetensors(run_dir / "checkpoints" / checkpoint.tag_for(step), exported)
+    patient_barrier(world)
+    results = objective.evaluate(run_dir, exported, cfg)
+    if results is not None and world.is_main:
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        if runlog:
+            runlog.event("evaluate", step, results=results)
+    return exported

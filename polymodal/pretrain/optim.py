@@ -11,14 +11,21 @@ from torch import nn
 from polymodal.pretrain.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Biases, norm weights, scalars and other 1-D parameters get no weight decay (as in CLIP and ViT)."""
+def param_group_names(model: nn.Module) -> list[tuple[list[str], bool]]:
+    """The optimizer's groups as (trainable parameter names, weight-decayed?), in the optimizer's order: matrices
+    first, then biases, norm weights, scalars and other 1-D parameters, which get no weight decay (as in CLIP and
+    ViT). Empty groups are left out. Export reads DeepSpeed's fp32 master copies back to names in this order."""
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            (decay if param.ndim >= 2 else no_decay).append(name)
+    return [(names, decayed) for names, decayed in ((decay, True), (no_decay, False)) if names]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    params = dict(model.named_parameters())
+    return [{"params": [params[n] for n in names], "weight_decay": weight_decay if decayed else 0.0}
+            for names, decayed in param_group_names(model)]
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -27,15 +34,23 @@ class GuardedAdamW(torch.optim.AdamW):
     Why here: DeepSpeed only checks for overflow with fp16 loss scaling (or bf16 when asked), and under ZeRO each
     rank steps its own partition, so one rank's NaN must stop all of them: the flag is all-reduced. A skipped
     step changes neither weights nor optimizer state; the learning-rate schedule still moves on.
+
+    The decision stays on the device: torch's fused AdamW kernel takes a `found_inf` tensor (GradScaler's hook)
+    and skips the update, step count included, where it is 1, so the host never waits for the device here. Where
+    the fused kernel is unavailable (a device without one), the flag is read on the host.
     """
 
     def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
-        self.skipped_last = False
+        params = list(params)
+        try:
+            super().__init__(params, fused=True, **kwargs)
+        except RuntimeError:
+            super().__init__(params, **kwargs)
+        self.skipped: torch.Tensor | None = None  # 1.0 when the last step was skipped (on the device)
         self.last_norm = None  # norm of the gradients this rank saw (the global norm when not partitioned)
 
     @torch.no_grad()
-    def _grads_finite(self) -> bool:
+    def _nonfinite(self) -> torch.Tensor:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         bad = torch.zeros((), dtype=torch.float32, device=device)
@@ -47,11 +62,14 @@ class GuardedAdamW(torch.optim.AdamW):
             if dist.get_backend() == "nccl" and bad.device.type != "cuda":
                 bad = bad.cuda()
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
+        return bad
 
     def step(self, closure=None):
-        self.skipped_last = not self._grads_finite()
-        if self.skipped_last:
+        self.skipped = self._nonfinite()
+        if self.defaults.get("fused"):
+            self.found_inf = self.skipped
+            return super().step(closure)
+        if self.skipped.item():
             return None
         return super().step(closure)
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Callable
 
 from polymodal.data.errors import ConfigError
@@ -41,6 +42,16 @@ def build_objective(section: dict[str, Any]) -> Objective:
     return objective_class(section.get("name", ""))(objective_config(section))
 
 
+@cache
 def _import_builtins() -> None:
-    # Imported lazily so that `polymodal data ...` does not pay for timm/open_clip imports.
-    from polymodal.pretrain.objectives import classify, contrastive, spark  # noqa: F401
+    """Import every module of this package, so each built-in objective registers itself (adding one is adding a
+    file), then the objectives other packages declare under the `polymodal.objectives` entry point group.
+    Imported lazily so that `polymodal data ...` does not pay for timm/open_clip imports."""
+    import importlib
+    import pkgutil
+    from importlib.metadata import entry_points
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    for entry in entry_points(group="polymodal.objectives"):
+        entry.load()

@@ -1,14 +1,19 @@
-"""The base class of training objectives."""
+"""The base class of training objectives: the forward the engine calls, and the hooks the loop, the CLI and export
+call (so none of them probes an objective with getattr or checks its name)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from polymodal.data.errors import ConfigError
+
+if TYPE_CHECKING:
+    from polymodal.pretrain.config import PretrainConfig
 
 
 class Objective(nn.Module):
@@ -17,9 +22,19 @@ class Objective(nn.Module):
     Metrics are floats or 0-dim tensors; the engine averages them over ranks for the log. The batch arrives on
     the device with images still uint8, so normalisation runs there. `samples_in(batch)` and `tokens_in(batch)`
     let the engine report throughput.
+
+    Hooks, each with a default that does nothing:
+    - `check_run(cfg, zero_stage)`: refuse settings this objective cannot train with, before anything starts;
+    - `log_images(batch, path)`: draw the objective's work on a batch (objectives that set `draws_images`);
+    - `evaluate(run_dir, weights, cfg)`: end-of-run evaluation on every rank, with the exported weights
+      (objectives that set `evaluates`);
+    - `export_formats`: the `checkpoint export --format` names it supports (registered in pretrain/export.py).
     """
 
     name: ClassVar[str] = ""
+    draws_images: ClassVar[bool] = False
+    evaluates: ClassVar[bool] = False  # reads the `evaluate:` section at the end of a run
+    export_formats: ClassVar[tuple[str, ...]] = ("polymodal",)
 
     @dataclass
     class Config:
@@ -32,8 +47,14 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def check_engine(self, zero_stage: int) -> None:
-        """Refuse engine settings this objective cannot train with (a ConfigError naming the key)."""
+    def check_run(self, cfg: PretrainConfig, zero_stage: int) -> None:
+        """Refuse run settings this objective cannot train with: a ConfigError naming the key. Subclasses that
+        override it call this one too."""
+        if cfg.log.images_every and not self.draws_images:
+            raise ConfigError(f"config key 'log.images_every': objective {self.name!r} draws no images; set it to 0")
+        if (cfg.evaluate.retrieval_shards or cfg.evaluate.zeroshot) and not self.evaluates:
+            raise ConfigError(f"config key 'evaluate': objective {self.name!r} has no end-of-run evaluation of "
+                              "retrieval or zero-shot; remove the section and run `polymodal eval` on the run")
 
     def tokenizer(self):
         """A callable the data pipeline applies to captions in its workers (text objectives), or None."""
@@ -44,6 +65,23 @@ class Objective(nn.Module):
 
     def tokens_in(self, batch: dict[str, Any]) -> int | None:
         """Tokens processed for this batch (text tokens, visible patches...), or None when it has no meaning."""
+        return None
+
+    def mutable_buffers(self) -> list[torch.Tensor]:
+        """The floating-point buffers a training forward changes, which a skipped step puts back: BatchNorm's
+        running statistics. Objectives whose forward updates other buffers (EMA codebooks) add theirs."""
+        return [buffer for norm in self.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)
+                for buffer in (norm.running_mean, norm.running_var)
+                if buffer is not None and buffer.is_floating_point()]
+
+    def log_images(self, batch: dict[str, Any], path: Path | None) -> Path | None:
+        """Draw the objective's work on `batch` to the PNG `path`. Called on every rank when the weights are
+        partitioned (ZeRO-3 gathers them collectively); `path` is None on all ranks but the one that writes."""
+        return None
+
+    def evaluate(self, run_dir: Path, weights: Path, cfg: PretrainConfig) -> dict | None:
+        """Evaluate the exported `weights` when training ends; called on every rank of the process group at once.
+        Returns the metrics (the same on every rank), or None when the objective has nothing to evaluate."""
         return None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -1,21 +1,23 @@
 """Contrastive image-text objectives: `clip` (InfoNCE) and `siglip` (sigmoid loss) on open_clip towers.
 
-The model is an open_clip CLIP, so its state dict is an open_clip checkpoint (see export_open_clip).
+The model is an open_clip CLIP, so its state dict is an open_clip checkpoint (the `open_clip` export format).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from polymodal.data.errors import ConfigError
 from polymodal.models import open_clip_towers
+from polymodal.pretrain.export import consolidated_state_dict, register_export
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
-from polymodal.pretrain.objectives.contrastive_loss import clip_loss, siglip_loss
+from polymodal.pretrain.objectives.contrastive_loss import batch_sizes, clip_loss, siglip_loss
 from polymodal.pretrain.objectives.feature_cache import cached_encode
 
 
@@ -68,6 +70,7 @@ class AlignConfig(LossConfig):
 
 class Contrastive(Objective):
     Config = ContrastiveConfig
+    evaluates = True
     siglip = False
 
     def __init__(self, config):
@@ -77,6 +80,8 @@ class Contrastive(Objective):
             self.model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups)
         if config.lock_text:
             self.model.lock_text_tower(unlocked_layers=config.lock_text_unlocked_layers)
+        # Ranks may hold batches of different sizes (the loss then exchanges them); check_run knows better.
+        self.uneven_batches = True
         pre = self.preprocess_cfg()
         self.register_buffer("mean", torch.tensor(pre["mean"]).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(pre["std"]).view(1, -1, 1, 1) * 255, persistent=False)
@@ -110,10 +115,42 @@ class Contrastive(Objective):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens, normalize=True)
 
-    def check_engine(self, zero_stage: int) -> None:
+    def check_run(self, cfg, zero_stage: int) -> None:
+        super().check_run(cfg, zero_stage)
+        # Only the last batches of an epoch kept whole (no drop_last) can differ between ranks; otherwise the
+        # loss skips the exchange of batch sizes (a small all-gather the host waits for) at every step.
+        self.uneven_batches = not (cfg.data.resampled or cfg.data.drop_last)
         if self.config.feature_cache_chunk and zero_stage == 3:
             raise ConfigError("config key 'objective.feature_cache_chunk': grad-cache works with ZeRO 0-2, not 3 "
                               "(its partitioned parameters cannot be re-gathered inside backward)")
+        from polymodal.eval.datasets import check_dataset_spec
+
+        if cfg.evaluate.retrieval_shards:
+            check_dataset_spec(cfg.evaluate.retrieval_shards, "evaluate.retrieval_shards")
+        for spec in cfg.evaluate.zeroshot:
+            check_dataset_spec(spec, "evaluate.zeroshot", labelled=True)
+
+    def evaluate(self, run_dir: Path, weights: Path, cfg) -> dict | None:
+        """Retrieval on `evaluate.retrieval_shards` and zero-shot classification on each of `evaluate.zeroshot`,
+        with the exported weights (which also proves the export), on every rank: each encodes its share of the
+        images and text, and all get the same figures. Rank 0 prints the table."""
+        if not (cfg.evaluate.retrieval_shards or cfg.evaluate.zeroshot):
+            return None
+        import torch.distributed as dist
+
+        from polymodal.eval.encoders import load_encoder
+        from polymodal.eval.tasks import TaskOptions
+        from polymodal.eval.training_eval import evaluate_after_training
+
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"  # this rank's
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        encoder = load_encoder(str(weights), cfg.data.image_size).to(device)
+        opts = TaskOptions(num_workers=min(cfg.data.num_workers, 2), device=device,
+                           progress=cfg.log.progress and rank == 0, distributed=True)
+        results, lines = evaluate_after_training(encoder, cfg.evaluate.retrieval_shards, cfg.evaluate.zeroshot, opts)
+        if rank == 0:
+            print("\n".join(lines), flush=True)
+        return results
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         chunk = self.config.feature_cache_chunk
@@ -124,11 +161,14 @@ class Contrastive(Objective):
             image = self.encode_image(batch["rgb"]).float()
             text = self.encode_text(batch["caption"]).float()
         scale = self.model.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
+        sizes = batch_sizes(len(image), image.device) if self.uneven_batches else None
         if self.siglip:
-            loss = siglip_loss(image, text, scale, self.model.logit_bias.float(), chunk_size=self.config.chunk_size)
+            loss = siglip_loss(image, text, scale, self.model.logit_bias.float(), chunk_size=self.config.chunk_size,
+                               sizes=sizes)
         else:
             loss = clip_loss(image, text, scale, local_loss=self.config.local_loss,
-                             gather_with_grad=self.config.gather_with_grad, chunk_size=self.config.chunk_size)
+                             gather_with_grad=self.config.gather_with_grad, chunk_size=self.config.chunk_size,
+                             sizes=sizes)
         with torch.no_grad():
             hits = (image @ text.T).argmax(dim=1) == torch.arange(len(image), device=image.device)
         return {"loss": loss, "logit_scale": scale.detach(), "batch_i2t_acc": hits.float().mean()}
@@ -136,12 +176,23 @@ class Contrastive(Objective):
 
 @register("clip")
 class Clip(Contrastive):
-    pass
+    export_formats = (*Contrastive.export_formats, "open_clip")
 
 
 @register("siglip")
 class SigLip(Contrastive):
+    export_formats = (*Contrastive.export_formats, "open_clip")
     siglip = True
+
+
+@register_export("open_clip", "open_clip.safetensors")
+def open_clip_format(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The CLIP model's state dict, for `open_clip.create_model_and_transforms(name, pretrained=FILE)` (our own
+    model configs: import polymodal.models.open_clip_towers first, which registers them with open_clip)."""
+    from polymodal.pretrain import checkpoint
+
+    model = {k.removeprefix("model."): v for k, v in consolidated_state_dict(path).items() if k.startswith("model.")}
+    return model, {"open_clip.model": checkpoint.read_marker(path)["objective"].get("model", "")}
 
 
 @register("align")

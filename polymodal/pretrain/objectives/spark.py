@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from polymodal.data.errors import ConfigError
 from polymodal.models.sparse_conv import SparseEncoder, upsample_mask
 from polymodal.models.spark_decoder import SparKDecoder
+from polymodal.pretrain.export import load_checkpoint_objective, register_export
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
 from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
@@ -26,14 +27,14 @@ from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
 
 @register("spark")
 class SparK(Objective):
+    draws_images = True
+    export_formats = (*Objective.export_formats, "timm")
+
     @dataclass
     class Config:
         # A timm convnet name that offers feature maps (ResNet, ConvNeXt, ...); built without downloading weights.
         model: str = "resnet18"
         model_kwargs: dict[str, Any] = field(default_factory=dict)
-        # Side of the training images (data.image_size): a multiple of the backbone's coarsest stride, and at
-        # least twice it, so the mask has at least 2x2 patches.
-        image_size: int = 224
         # Fraction of patches masked (rounded to whole patches; at least one stays visible, one masked).
         mask_ratio: float = 0.6
         # Decoder width at the coarsest stride, halved at each upsampling (SparK: 512 for ResNet-50).
@@ -48,10 +49,6 @@ class SparK(Objective):
         if not 0 < config.mask_ratio < 1:
             raise ConfigError(f"config key 'objective.mask_ratio': must be between 0 and 1, got {config.mask_ratio}")
         self.encoder = SparseEncoder(config.model, **config.model_kwargs)
-        stride = self.encoder.stride
-        if config.image_size % stride or config.image_size < 2 * stride:
-            raise ConfigError(f"config key 'objective.image_size': must be a multiple of {config.model}'s stride "
-                              f"{stride} and at least {2 * stride} (a 2x2 mask), got {config.image_size}")
         try:
             self.decoder = SparKDecoder(self.encoder.reductions, self.encoder.channels, config.decoder_width,
                                         batch_norm=self.encoder.uses_batch_norm)
@@ -70,6 +67,26 @@ class SparK(Objective):
         images = (rgb.to(self.mean.dtype) - self.mean) / self.std
         return images.to(self.decoder.head.weight.dtype)
 
+    def visible_count(self, patches: int) -> int:
+        """Patches left visible out of `patches`: the mask ratio rounded, at least one masked."""
+        return min(round(patches * (1 - self.config.mask_ratio)), patches - 1)
+
+    def check_run(self, cfg, zero_stage: int) -> None:
+        super().check_run(cfg, zero_stage)
+        self.check_image_size(cfg.data.image_size)
+
+    def check_image_size(self, size: int) -> None:
+        """The images (data.image_size, the one source of truth for their size) must tile into whole patches at
+        the backbone's coarsest stride, with at least 2 visible: with 1, a sample's visible features are one
+        position and BatchNorm's statistics degenerate; with 0, there is nothing to encode."""
+        stride = self.encoder.stride
+        side = size // stride
+        if size % stride or self.visible_count(side * side) < 2:
+            smallest = next((n * stride for n in range(2, 1024) if self.visible_count(n * n) >= 2), None)
+            raise ConfigError(f"config key 'data.image_size': spark needs a multiple of {self.config.model}'s stride "
+                              f"{stride} with at least 2 visible patches at mask_ratio {self.config.mask_ratio} "
+                              f"(at least {smallest} px), got {size}")
+
     def random_visible(self, batch_size: int, height: int, width: int, device: torch.device | str,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """A bool mask [B, 1, H/stride, W/stride], True at the patches the encoder sees; the same number per
@@ -80,7 +97,10 @@ class SparK(Objective):
                               f"{self.config.model}'s stride {stride}")
         grid = (height // stride, width // stride)
         patches = grid[0] * grid[1]
-        keep = min(max(round(patches * (1 - self.config.mask_ratio)), 1), patches - 1)
+        keep = self.visible_count(patches)
+        if keep < 1:
+            raise ConfigError(f"config key 'data.image_size': {height}x{width} images leave no visible patch at "
+                              f"{self.config.model}'s stride {stride}")
         noise = torch.rand(batch_size, patches, generator=generator,
                            device=device if generator is None else generator.device).to(device)
         visible = torch.zeros(batch_size, patches, dtype=torch.bool, device=device)
@@ -126,8 +146,8 @@ class SparK(Objective):
         return self.encoder.timm_state_dict()
 
     @torch.no_grad()
-    def save_reconstruction(self, batch: dict[str, Any], path: str | Path | None, max_images: int = 8,
-                            seed: int = 0) -> Path | None:
+    def log_images(self, batch: dict[str, Any], path: str | Path | None, max_images: int = 8,
+                   seed: int = 0) -> Path | None:
         """A PNG with one row per image: input, masked input, reconstruction (visible patches pasted back).
         `path` None runs the forward only: the other ranks' part of a ZeRO-3 gather."""
         from torchvision.utils import save_image
@@ -157,3 +177,11 @@ class SparK(Objective):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(unnormalised.clamp(0, 1).cpu(), str(path), nrow=len(columns), padding=2)
         return path
+
+
+@register_export("timm", "timm_backbone.safetensors")
+def timm_format(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The pretrained backbone as a timm state dict: `timm.create_model(name)` loads it with only the classifier
+    head missing, and `polymodal eval --model timm:NAME:FILE` evaluates it."""
+    objective = load_checkpoint_objective(path)
+    return objective.backbone_state_dict(), {"timm.model": objective.config.model}
