@@ -234,6 +234,26 @@ def test_zero3_checkpoint_exports_to_safetensors_with_identical_outputs(cifar_te
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)
 
 
+def test_bf16_exports_the_same_fp32_masters_at_zero0_and_zero2(cifar_test_shards, tmp_path):
+    """Every ZeRO stage exports fp32 master weights: ZeRO 0 keeps them in its optimizer's state (its module holds
+    bf16 casts), ZeRO 2 in its partitions. The same seed and data give the same tensors, bit for bit, which also
+    needs ZeRO 0's half-precision wrapper not to take its extra state-initialising AdamW step (engine.py).
+    Clipping is off: the two wrappers compute the global norm in different orders."""
+    from safetensors.torch import load_file
+
+    exports = {}
+    for stage in (0, 2):
+        run_dir = tmp_path / f"zero{stage}"
+        pretrain(cifar_test_shards, run_dir, "steps=3", "precision=bf16", f"zero_stage={stage}", "grad_clip=0",
+                 "checkpoint.every=0")
+        exports[stage] = load_file(run_dir / "model.safetensors")
+    zero0, zero2 = exports[0], exports[2]
+    assert zero0.keys() == zero2.keys() and all(v.dtype == torch.float32 for v in zero0.values())
+    assert all(torch.equal(zero0[k], zero2[k]) for k in zero0)
+    weights = [v for k, v in zero0.items() if k.endswith("weight")]
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights)  # masters, not bf16 casts
+
+
 def test_two_nodes_on_loopback_train_and_checkpoint(cifar_test_shards, tmp_path):
     port = free_port()
     procs = [subprocess.Popen(

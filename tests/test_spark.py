@@ -173,11 +173,11 @@ def test_config_errors_name_the_key():
         spark(cfg.objective["model"]).check_run(cfg, zero_stage=0)  # the shipped sizes pass
     # The images come at data.image_size: that is the size checked, with at least 2 visible patches.
     cfg = load_pretrain_config(REPO / "configs" / "spark-resnet18-cifar.yaml", ["data.image_size=32"])
-    with pytest.raises(ConfigError, match="data.image_size.*at least 64 px, got 32"):
+    with pytest.raises(ConfigError, match=r"data.image_size.*at least 64 px\), got 32"):
         spark("resnet18").check_run(cfg, zero_stage=0)  # a single patch at stride 32: nothing would stay visible
     with pytest.raises(ConfigError, match="data.image_size.*got 80"):
         spark("resnet18").check_image_size(80)  # not a multiple of the stride
-    with pytest.raises(ConfigError, match="data.image_size.*at least 96 px, got 64"):
+    with pytest.raises(ConfigError, match=r"data.image_size.*at least 96 px\), got 64"):
         spark("resnet18", mask_ratio=0.75).check_image_size(64)  # 2x2 patches, only 1 visible at this ratio
     spark("resnet18").check_image_size(64)  # 2x2 patches, 2 visible at 0.6
     with pytest.raises(ConfigError, match="objective.mask_ratio"):

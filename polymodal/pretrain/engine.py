@@ -138,6 +138,23 @@ def match_norm_statistics(module: torch.nn.Module, dtype: torch.dtype) -> None:
                     setattr(norm, name, buffer.to(dtype))
 
 
+def undo_initialisation_step(wrapper, optimizer: torch.optim.Optimizer) -> None:
+    """Take back the optimizer step DeepSpeed's ZeRO-0 half-precision wrapper (FP16_UnfusedOptimizer, used for
+    bf16 and fp16 at ZeRO 0 with a torch optimizer) runs with zero gradients when it is built, to create the
+    optimizer state. For AdamW that step counts (so the first real update used bias corrections for step 2: 0.74x
+    the learning rate at betas 0.9/0.98, measured) and applies one weight decay. Clearing the state lets AdamW
+    start it afresh at the first real step, and the fp32 masters are set back to the weights they were copied
+    from. ZeRO 1-3 take no such step."""
+    fp32_groups, half_groups = getattr(wrapper, "fp32_groups", None), getattr(wrapper, "fp16_groups", None)
+    if fp32_groups is None or half_groups is None:  # another wrapper (a future DeepSpeed): nothing to undo
+        return
+    optimizer.state.clear()
+    with torch.no_grad():
+        for masters, halves in zip(fp32_groups, half_groups):
+            for master, half in zip(masters, halves):
+                master.copy_(half.float())
+
+
 class Engine:
     """Owns the DeepSpeed engine built around an objective; `step()` runs one optimizer step."""
 
@@ -155,6 +172,8 @@ class Engine:
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=objective, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        if self.stage == 0 and self.precision != "fp32":
+            undo_initialisation_step(self.ds.optimizer, self.optimizer)
         if world.world_size == 1 and self.stage == 0 and self.precision == "fp32":
             # Alone, DeepSpeed would still copy every gradient into a flat buffer and back to "all-reduce" it
             # (a fifth of a ResNet-18 step on CPU, measured by benchmarks/engine_overhead.py). ZeRO 1-3 and
