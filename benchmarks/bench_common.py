@@ -1,7 +1,9 @@
-"""Helpers the benchmark scripts share: the machine's description, how busy it is, writing the JSON result."""
+"""Helpers the benchmark scripts share: the machine's description, how busy it is (and how much of that is other
+processes), timing a run, writing the JSON result."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -57,3 +59,102 @@ def wait_quiet(limit: float, max_wait: float, interval: float = 1.0) -> float:
         if (system_busy_seconds() - busy0) / (interval * (os.cpu_count() or 1)) <= limit:
             break
     return time.perf_counter() - t0
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average, None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def own_cpu_seconds(self_too: bool = True, children: bool = True) -> float:
+    """CPU seconds used so far by this process (self_too) and by its children (children). A child counts only once
+    it has been waited for, with its own reaped descendants: join data-loader workers and subprocesses first."""
+    t = os.times()
+    return (t.user + t.system if self_too else 0.0) + (t.children_user + t.children_system if children else 0.0)
+
+
+class OtherLoad:
+    """The share of the machine's CPUs that other processes take from now until share(): the machine's busy time
+    less our own CPU seconds (own_cpu_seconds with the same arguments), over the elapsed time times the CPUs."""
+
+    def __init__(self, self_too: bool = True, children: bool = True):
+        self.own = {"self_too": self_too, "children": children}
+        self.busy0, self.own0 = system_busy_seconds(), own_cpu_seconds(**self.own)
+        self.t0 = time.perf_counter()
+
+    def share(self, seconds: float | None = None) -> float | None:
+        """None where /proc/stat is missing; `seconds` defaults to the time since this meter was made."""
+        seconds = time.perf_counter() - self.t0 if seconds is None else seconds
+        busy = system_busy_seconds()
+        if busy is None or self.busy0 is None or seconds <= 0:
+            return None
+        ours = own_cpu_seconds(**self.own) - self.own0
+        return max(0.0, (busy - self.busy0) - ours) / (seconds * (os.cpu_count() or 1))
+
+
+def timed(fn, max_other_load: float, max_wait: float):
+    """(fn(), record) after waiting (up to max_wait s) for other processes to use at most max_other_load of the
+    CPUs; the record holds fn's wall seconds, the share of the CPUs other processes took meanwhile, the load
+    averages before and after, and whether that share was above max_other_load (`disturbed`)."""
+    waited = wait_quiet(max_other_load, max_wait)
+    load_before = loadavg()
+    meter = OtherLoad()
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    other = meter.share(seconds)
+    return result, {"seconds": seconds, "other_load": other, "waited_s": waited, "load_avg_before": load_before,
+                    "load_avg_after": loadavg(), "disturbed": other is not None and other > max_other_load}
+
+
+# Result keys for modules whose import name is not the name people know them by.
+VERSION_KEYS = {"PIL": "pillow", "sklearn": "scikit-learn"}
+
+
+def machine_info(*modules: str, optional: tuple[str, ...] = (), device=None) -> dict:
+    """machine_basics() plus the `__version__` of each module named (import names: "torch", "open_clip", "PIL"
+    ...; those in `optional` only where they import) and, given a device, its name, with the GPU's name and CUDA
+    version for a CUDA device."""
+    info = machine_basics()
+    for name in modules + tuple(optional):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            if name in optional:
+                continue
+            raise
+        info[VERSION_KEYS.get(name, name)] = getattr(module, "__version__", "?")
+    if device is not None:
+        import torch
+
+        device = torch.device(device)
+        info["device"] = str(device)
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
+            info["cuda"] = torch.version.cuda
+    return info
+
+
+def finish(path: str | Path, report: dict, t_start: float, where: str = "") -> int:
+    """Add the run's total seconds to the report, write it as JSON, say where; the script's exit status (0)."""
+    report["total_seconds"] = time.perf_counter() - t_start
+    out = write_report(path, report)
+    print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all{'; ' + where if where else ''})")
+    return 0
+
+
+def add_quiet_options(parser, disturbed: str | None = None, max_other_load: float = 0.15,
+                      max_wait: float | None = 60.0, max_wait_default: str = "%(default)s") -> None:
+    """--max-other-load and --max-wait, as wait_quiet and timed read them; `disturbed` says what becomes of a run
+    during which other processes took more than --max-other-load ("redone", "marked" ...), if anything."""
+    parser.add_argument("--max-other-load", type=float, default=max_other_load,
+                        help=(f"a run during which other processes use more than this share of the CPUs is "
+                              f"{disturbed}; " if disturbed else "")
+                        + "each run first waits up to --max-wait s for other processes to use at most this share "
+                          "of the CPUs (default: %(default)s)")
+    parser.add_argument("--max-wait", type=float, default=max_wait,
+                        help=f"seconds to wait for other processes to go quiet before each run (default: "
+                             f"{max_wait_default})")

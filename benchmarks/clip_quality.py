@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine_basics, wait_quiet, write_report  # benchmarks/ is on sys.path as a script
+from bench_common import add_quiet_options, finish, machine_info, wait_quiet  # benchmarks/ is on sys.path as a script
 from clip_step import ensure_peer_webdataset, run_ours, run_peer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,9 +123,7 @@ def main(argv=None) -> int:
                         help="webdataset 0.2.86 for open_clip_train (installed there if missing)")
     parser.add_argument("--work-dir", default="bench-out/clip-quality", help="run folders and logs")
     parser.add_argument("--out", default="bench-out/clip_quality.json", help="JSON report")
-    parser.add_argument("--max-other-load", type=float, default=0.15,
-                        help="wait before each run until other processes use at most this share of the CPUs")
-    parser.add_argument("--max-wait", type=float, default=60.0, help="seconds to wait for that at most")
+    add_quiet_options(parser)
     parser.add_argument("--quick", action="store_true", help="a few steps: checks the plumbing, not the quality")
     args = parser.parse_args(argv)
     steps = args.steps or (30 if args.quick else 400)
@@ -166,10 +164,6 @@ def main(argv=None) -> int:
             runs[trainer]["figures"] = headline(runs[trainer]["eval"])
         rounds.append(runs)
     summary = print_table(rounds)
-
-    import open_clip
-    import torch
-
     report = {
         "benchmark": "benchmarks/clip_quality.py",
         "what": "tiny CLIP from scratch on the mixed image-text set: held-out retrieval and zero-shot quality of "
@@ -177,15 +171,12 @@ def main(argv=None) -> int:
         "settings": {"model": MODEL, "image_size": IMAGE_SIZE, "steps": args.run_steps, "batch_size": args.batch_size,
                      "workers": args.workers, "threads": args.threads, "rounds": args.rounds, "seed": args.seed},
         "shards": shards, "held_out": HELD_OUT, "peer_webdataset": wds_version,
-        "machine": {**machine_basics(), "torch": torch.__version__, "open_clip": open_clip.__version__},
+        "machine": machine_info("torch", "open_clip"),
         "summary": summary,
         "rounds": [{t: {k: v for k, v in run.items() if k != "steps"} | {"final_loss": run["steps"][-1]["loss"]}
                     for t, run in r.items()} for r in rounds],
-        "total_seconds": time.perf_counter() - t_start,
     }
-    out = write_report(args.out, report)
-    print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all; logs and run folders in {work})")
-    return 0
+    return finish(args.out, report, t_start, f"logs and run folders in {work}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine_basics, system_busy_seconds, wait_quiet, write_report  # benchmarks/ is on sys.path when run as a script
+from bench_common import OtherLoad, add_quiet_options, finish, machine_info, wait_quiet  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_GOAL = 1.5  # ours/open_clip samples/s on a GPU (the issue's goal)
@@ -143,19 +143,6 @@ def ensure_peer_webdataset(folder: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Other processes' load (the machine may be shared)
-
-
-
-
-def children_cpu_seconds() -> float:
-    t = os.times()  # reaped children and their reaped descendants (the trainers' data workers)
-    return t.children_user + t.children_system
-
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The two trainers
 
 
@@ -194,18 +181,15 @@ def peer_command(args, shards: str, logs: Path) -> list[str]:
 
 def launch(cmd: list[str], env: dict, log_path: Path) -> tuple[float, float | None]:
     """Run a trainer; returns (wall seconds, share of the CPUs other processes used meanwhile)."""
-    busy0, own0, t0 = system_busy_seconds(), children_cpu_seconds(), time.perf_counter()
+    load = OtherLoad(self_too=False)  # the trainer and its reaped data workers are ours; this process only waits
+    t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError(f"{cmd[:4]}... exited with {proc.returncode}; last lines of {log_path}:\n" + "\n".join(tail))
-    other = None
-    busy = system_busy_seconds()
-    if busy is not None and busy0 is not None:
-        other = max(0.0, (busy - busy0) - (children_cpu_seconds() - own0)) / (wall * (os.cpu_count() or 1))
-    return wall, other
+    return wall, load.share(wall)
 
 
 def run_ours(args, shards: str, work: Path, tag: str, extra: tuple[str, ...] = ()) -> dict:
@@ -313,23 +297,6 @@ def print_table(args, res: dict, meta: dict) -> None:
         print("MFU: no peak FLOP/s known for this device (pass --peak-flops)")
 
 
-def machine_info(gpu: bool) -> dict:
-    import open_clip
-    import torch
-
-    info = {**machine_basics(), "torch": torch.__version__, "open_clip": open_clip.__version__}
-    try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
-    if gpu:
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -355,11 +322,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak FLOP/s of the device for MFU (default: ours' lookup for known GPUs)")
-    parser.add_argument("--max-other-load", type=float, default=0.15,
-                        help="share of the CPUs other processes may use during a run before it is redone "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-wait", type=float, default=60.0,
-                        help="seconds to wait for other processes to go quiet before each run (default: %(default)s)")
+    add_quiet_options(parser, "redone (--retries)")
     parser.add_argument("--retries", type=int, default=None,
                         help="extra tries of a disturbed run (default: 1, quick: 0)")
     parser.add_argument("--peer-webdataset", default="/tmp/wds0286",
@@ -450,14 +413,11 @@ def main(argv=None) -> int:
         "flops_per_sample": flops_per_sample,
         "peak_flops": peak,
         "device": device,
-        "machine": machine_info(args.gpu),
+        "machine": machine_info("torch", "open_clip", optional=("deepspeed",), device="cuda" if args.gpu else "cpu"),
         "results": res,
         "runs": runs,
-        "total_seconds": time.perf_counter() - t_start,
     }
-    out = write_report(args.out, report)
-    print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all; logs and run folders in {work})")
-    return 0
+    return finish(args.out, report, t_start, f"logs and run folders in {work}")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,9 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-from bench_common import machine_basics, system_busy_seconds, wait_quiet, write_report
+from bench_common import add_quiet_options, machine_basics, timed, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 1.3
@@ -146,22 +145,10 @@ def compare(ours: Path, peer: Path) -> dict:
             "cosine_min": float(cos.min())}
 
 
-def timed(args, fn) -> dict:
-    waited = wait_quiet(args.max_other_load, args.max_wait)
-    busy0, t0 = system_busy_seconds(), time.perf_counter()
-    own0 = _own_cpu()
-    rows = fn()
-    seconds = time.perf_counter() - t0
-    other = None
-    if busy0 is not None:
-        other = max(0.0, (system_busy_seconds() - busy0) - (_own_cpu() - own0)) / (seconds * (os.cpu_count() or 1))
-    return {"seconds": seconds, "rows": rows, "samples_per_s": rows / seconds, "other_load": other,
-            "waited_s": waited}
-
-
-def _own_cpu() -> float:
-    t = os.times()  # loader workers count once reaped (at the end of each embed run)
-    return t.user + t.system + t.children_user + t.children_system
+def timed_run(args, fn) -> dict:
+    """fn() returns how many rows it embedded; its timing record (timed's) with that count and the rate."""
+    rows, rec = timed(fn, args.max_other_load, args.max_wait)  # loader workers count as ours once reaped
+    return {**rec, "rows": rows, "samples_per_s": rows / rec["seconds"]}
 
 
 def main(argv=None) -> int:
@@ -179,9 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shards-dir", default="bench-out/embed-speed-shards")
     parser.add_argument("--work-dir", default="bench-out/embed-speed")
     parser.add_argument("--out", default="bench-out/embed_speed.json")
-    parser.add_argument("--max-other-load", type=float, default=0.15,
-                        help="wait before each run until other processes use at most this share of the CPUs")
-    parser.add_argument("--max-wait", type=float, default=60.0)
+    add_quiet_options(parser)
     parser.add_argument("--quick", action="store_true", help="1 round")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 2)
@@ -210,7 +195,7 @@ def main(argv=None) -> int:
             out = work / side
             fn = (lambda: ours_embed(args, shards, out)) if side == "ours" else \
                 (lambda: peer_embed(args, name, weights, urls, out))
-            rec = timed(args, fn)
+            rec = timed_run(args, fn)
             runs[side].append(rec)
             load = f", other processes {100 * rec['other_load']:.0f}% of the CPUs" if rec["other_load"] is not None \
                 else ""

@@ -43,13 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_common import machine_basics, write_report  # benchmarks/ is on sys.path when run as a script
+from bench_common import finish, loadavg, machine_info  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -185,31 +184,6 @@ class Bare:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Report
-
-
-def machine_info(device: torch.device) -> dict:
-    import deepspeed
-    import timm
-
-    info = {
-        **machine_basics(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "deepspeed": deepspeed.__version__,
-        "timm": timm.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
 
 
 def summarize(times: dict[str, list[list[float]]], batch_size: int, flops_per_sample: float,
@@ -404,14 +378,11 @@ def run(args, world, t_start: float) -> int:
         "first_loss": first,
         "losses": {"ours": ours.losses, "bare": bare.losses},
         "load_avg_per_round": loads,
-        "machine": machine_info(device),
+        "machine": {**machine_info("torch", "deepspeed", "timm", device=device), "torch_threads": threads},
         "results": res,
         "step_times_s": times,
-        "total_seconds": time.perf_counter() - t_start,
     }
-    out = write_report(args.out, report)
-    print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all)")
-    return 0
+    return finish(args.out, report, t_start)
 
 
 if __name__ == "__main__":

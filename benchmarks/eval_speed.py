@@ -101,7 +101,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bench_common import machine_basics, system_busy_seconds, wait_quiet, write_report  # benchmarks/ is on sys.path when run as a script
+from bench_common import add_quiet_options, finish, machine_info, timed  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -230,31 +230,6 @@ def warm_up(encoder, peer) -> None:
             encoder.encode_text(torch.stack([torch.as_tensor(tok("a photo of a cat."))] * 8).to(device))
         if peer is not None:
             peer[0].encode_text(peer[2](["a photo of a cat."] * 8).to(device))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timing
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()  # data-loader workers count once reaped (both loaders join them at the end of the pass)
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def timed(args, fn):
-    """(result, record) of fn(), after waiting for the machine to go quiet."""
-    waited = wait_quiet(args.max_other_load, args.max_wait)
-    load_before = os.getloadavg()[0]
-    busy0, own0, t0 = system_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - t0
-    busy = system_busy_seconds()
-    other = None
-    if busy is not None and busy0 is not None:
-        other = max(0.0, (busy - busy0) - (_own_cpu_seconds() - own0)) / (seconds * (os.cpu_count() or 1))
-    return result, {"seconds": seconds, "other_load": other, "waited_s": waited, "load_avg_before": load_before,
-                    "load_avg_after": os.getloadavg()[0],
-                    "disturbed": other is not None and other > args.max_other_load}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,15 +439,9 @@ def print_table(args, res: dict, meta: dict) -> None:
               f"--threads {max(1, int(free + 0.25))} or on a quiet machine")
 
 
-def versions() -> dict:
-    import numpy
-    import open_clip
-    import sklearn
-    import torch
-
-    out = {"torch": torch.__version__, "open_clip": open_clip.__version__, "scikit-learn": sklearn.__version__,
-           "numpy": numpy.__version__}
-    for dist in ("clip-benchmark", "webdataset", "threadpoolctl", "Pillow"):
+def versions(device: str) -> dict:
+    out = machine_info("torch", "open_clip", "sklearn", "numpy", device=device)
+    for dist in ("clip-benchmark", "webdataset", "threadpoolctl", "Pillow"):  # clip_benchmark.__version__ is wrong
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -509,12 +478,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.1,
                         help="points our accuracy may fall below the peer's and still count as equal "
                              "(default: %(default)s)")
-    parser.add_argument("--max-other-load", type=float, default=0.15,
-                        help="share of the CPUs other processes may use during a run before it is marked "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-wait", type=float, default=None,
-                        help="seconds to wait for other processes to go quiet before each run (default: 60, "
-                             "quick: 10)")
+    add_quiet_options(parser, "marked", max_wait=None, max_wait_default="60, quick: 10")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
                         help="folder holding cifar10/{test,train}.tar.gz (default: %(default)s)")
     parser.add_argument("--shards-dir", default=None,
@@ -583,7 +547,7 @@ def main(argv=None) -> int:
                     full = part == "probe_fit_full"
                     fn = (lambda: ours_probe(feats["ours"], args, full)) if side == "ours" else \
                         (lambda: sklearn_probe(feats["ours"], args))
-                result, rec = timed(args, fn)
+                result, rec = timed(fn, args.max_other_load, args.max_wait)
                 runs[part][side].append(rec)
                 if part == "features":
                     feats.setdefault(side, result)
@@ -654,12 +618,9 @@ def main(argv=None) -> int:
         "runs": {part: {s: [{**r, "result": results[part][s][i] if i < len(results[part][s]) else None}
                             for i, r in enumerate(runs[part][s])] for s in SIDES} for part in runs},
         "details": details,
-        "machine": {**machine_basics(), **versions(), "load_avg_end": os.getloadavg()},
-        "total_seconds": time.perf_counter() - t_start,
+        "machine": {**versions(args.device), "load_avg_end": os.getloadavg()},
     }
-    out = write_report(args.out, report)
-    print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all)")
-    return 0
+    return finish(args.out, report, t_start)
 
 
 if __name__ == "__main__":

@@ -55,14 +55,12 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-from bench_common import machine_basics, system_busy_seconds, wait_quiet, write_report  # benchmarks/ is on sys.path when run as a script
+from bench_common import OtherLoad, add_quiet_options, finish, machine_info, wait_quiet  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import PIL  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -148,16 +146,11 @@ def shard_files(shard_dir: Path | str) -> list[str]:
 
 
 
-def _own_cpu_seconds() -> float:
-    t = os.times()  # children count once reaped: DataLoader workers and the Pool are joined before result()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 class Clock:
     """Batch arrival times, and how busy the rest of the machine was meanwhile (other processes' load)."""
 
     def __init__(self):
-        self.busy0, self.own0 = system_busy_seconds(), _own_cpu_seconds()
+        self.load = OtherLoad()  # children count once reaped: DataLoader workers and the Pool join before result()
         self.t0 = time.perf_counter()
         self.arrivals: list[tuple[float, int]] = []
 
@@ -174,11 +167,7 @@ class Clock:
         k = min(workers, len(self.arrivals) - 1)
         t_warm = self.arrivals[k - 1][0] if k > 0 else 0.0
         steady_images = sum(n for _, n in self.arrivals[k:])
-        busy = system_busy_seconds()
-        other = None
-        if busy is not None and self.busy0 is not None:
-            # CPU used by processes other than this benchmark, as a share of the machine's capacity
-            other = max(0.0, (busy - self.busy0) - (_own_cpu_seconds() - self.own0)) / (end * (os.cpu_count() or 1))
+        other = self.load.share(end)  # CPU used by processes other than this benchmark, as a share of the machine's
         return {"images": images, "seconds": end, "first_batch_s": self.arrivals[0][0], "warmup_s": t_warm,
                 "steady_images": steady_images, "steady_seconds": end - t_warm, "other_load": other}
 
@@ -275,23 +264,12 @@ def run_raw(args, shard_dir: str) -> Clock:
 # Report
 
 
-def machine_info() -> dict:
-    import torchvision
-    import webdataset
+def describe_machine() -> dict:
     from PIL import features
 
-    return {
-        **machine_basics(),
-        "torch": torch.__version__,
-        "torch_threads_main": torch.get_num_threads(),
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
-        "libjpeg_turbo": features.version("jpg") if features.check_feature("libjpeg_turbo") else None,
-        "webdataset": getattr(webdataset, "__version__", "?"),
-        "numpy": np.__version__,
-    }
-
-
+    return {**machine_info("torch", "torchvision", "PIL", "webdataset", "numpy"),
+            "torch_threads_main": torch.get_num_threads(),
+            "libjpeg_turbo": features.version("jpg") if features.check_feature("libjpeg_turbo") else None}
 
 
 def summarize(runs: list[dict], workers: int, max_other: float) -> dict:
@@ -364,11 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=["imagenet", "cifar10"], default=["imagenet", "cifar10"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="subset to run (the table needs all four)")
-    parser.add_argument("--max-other-load", type=float, default=0.10,
-                        help="runs during which other processes used more than this share of the CPUs are left out "
-                             "of the figures (unless all are); each measurement first waits up to --max-wait s for "
-                             "the machine to be that quiet (default: %(default)s)")
-    parser.add_argument("--max-wait", type=float, default=30.0, help="(default: %(default)s)")
+    add_quiet_options(parser, "redone (--retries), then left out of the figures (unless all are)", 0.10, 30.0)
     parser.add_argument("--retries", type=int, default=2,
                         help="extra tries of a run disturbed by other processes (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
@@ -438,16 +412,13 @@ def main(argv=None) -> int:
                          "shuffle_initial": args.shuffle_initial, "imagenet_copies": args.imagenet_copies,
                          "raw_repeats": args.raw_repeats,
                          "quick": args.quick, "open_clip_preprocess": openclip_preprocess(args.scale)[1]},
-            "machine": machine_info(),
+            "machine": describe_machine(),
             "results": results,
-            "total_seconds": time.perf_counter() - t_start,
         }
-        out = write_report(args.out, report)
-        print(f"\nwrote {out} ({report['total_seconds']:.0f}s in all)")
+        return finish(args.out, report, t_start)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

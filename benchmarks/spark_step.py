@@ -58,7 +58,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine_basics, system_busy_seconds, wait_quiet, write_report
+from bench_common import OtherLoad, add_quiet_options, machine_info, wait_quiet, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -273,16 +273,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def run_side(args, model, optimizer, feed: PresetMask, batches, masks, device) -> dict:
     if torch.get_num_threads() != args.threads:
         sys.exit(f"torch threads changed to {torch.get_num_threads()} (expected {args.threads})")
     waited = wait_quiet(args.max_other_load, args.max_wait)
-    busy0, own0, t_run = system_busy_seconds(), own_cpu(), time.perf_counter()
+    load, t_run = OtherLoad(children=False), time.perf_counter()
     times, losses = [], []
     for batch, mask in zip(batches, masks):
         feed.mask = mask
@@ -296,10 +291,7 @@ def run_side(args, model, optimizer, feed: PresetMask, batches, masks, device) -
         sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(value)
-    seconds = time.perf_counter() - t_run
-    other = None
-    if busy0 is not None:
-        other = max(0.0, (system_busy_seconds() - busy0) - (own_cpu() - own0)) / (seconds * (os.cpu_count() or 1))
+    other = load.share(time.perf_counter() - t_run)
     timed = times[args.warmup:]
     return {"samples_per_s": args.batch_size * len(timed) / sum(timed),
             "ms_per_step": 1000 * statistics.median(timed), "step_s": times, "losses": losses,
@@ -338,9 +330,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-tolerance", type=float, default=1e-4,
                         help="relative difference of the first step's losses reported as a match")
     parser.add_argument("--out", default="bench-out/spark_step.json")
-    parser.add_argument("--max-other-load", type=float, default=0.15,
-                        help="wait before each run until other processes use at most this share of the CPUs")
-    parser.add_argument("--max-wait", type=float, default=60.0)
+    add_quiet_options(parser)
     args = parser.parse_args(argv)
     args.threads = args.threads or len(os.sched_getaffinity(0))
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
@@ -400,7 +390,7 @@ def main(argv=None) -> int:
                                                          "rounds", "threads", "mask_ratio", "decoder_width",
                                                          "seed", "device", "limit")},
               "shards": str(shard_dir), "parameters": params,
-              "machine": {**machine_basics(), "torch": torch.__version__, "timm": timm.__version__},
+              "machine": machine_info("torch", "timm", device=device),
               "runs": runs, "samples_per_s": med, "ms_per_step": ms, "ratio": ratio, "ratio_per_round": per_round,
               "loss_check": check}
     path = write_report(args.out, report)
