@@ -62,3 +62,21 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
 
 def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def demo_data_folder() -> str:
+    """The embedded demo data inside the installed package, for `${demo_data:}` in configs: shipped configs name
+    it so, and run from any folder."""
+    return str(Path(__file__).resolve().parent / "demo_data")
+
+
+def _register_resolvers() -> None:
+    import warnings
+
+    if not OmegaConf.has_resolver("demo_data"):
+        with warnings.catch_warnings():  # 2.4 renames it register_resolver; 2.3 has only this name
+            warnings.simplefilter("ignore", UserWarning)
+            OmegaConf.register_new_resolver("demo_data", demo_data_folder)
+
+
+_register_resolvers()

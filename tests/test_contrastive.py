@@ -67,16 +67,37 @@ def test_siglip_trains_with_locked_text_tower(emoji_shards, tmp_path):
 
 
 def test_demo_main_job_ends_with_a_retrieval_table(tmp_path):
+    """The README's main job, run from another folder than the checkout: the shipped config finds the demo shards
+    inside the package (${demo_data:})."""
     env = subprocess_env()
     env["DS_ACCELERATOR"] = "cpu"
-    done = subprocess.run(polymodal_cmd() + ["pretrain", DEMO, f"run_dir={tmp_path}", "steps=3",
-                                             "log.progress=false"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(polymodal_cmd() + ["pretrain", DEMO, "run_dir=run", "steps=3", "log.progress=false"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "retrieval on 411 held-out pairs" in done.stdout and "text->image" in done.stdout
-    metrics = json.loads((tmp_path / "eval.json").read_text())["retrieval"]
+    metrics = json.loads((elsewhere / "run" / "eval.json").read_text())["retrieval"]
     assert metrics["images"] == metrics["captions"] == 411
     assert 0 <= metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@5"] <= 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("evaluate.retrieval_shards=held-out/{0..3}.tar", "evaluate.retrieval_shards"),
+    ("evaluate.zeroshot=[no/such/folder]", "evaluate.zeroshot"),
+    ("data.shards=[${demo_data:}/train/0.tar.gz,missing/1.tar]", "data.shards")])
+def test_paths_are_checked_before_training(tmp_path, override, key):
+    """A path that does not exist stops the run at start (exit 2, naming the key and the folder relative paths
+    are read from), not after minutes of training."""
+    env = subprocess_env()
+    env["DS_ACCELERATOR"] = "cpu"
+    done = subprocess.run(polymodal_cmd() + ["pretrain", DEMO, f"run_dir={tmp_path / 'run'}", "steps=3",
+                                             "log.progress=false", override],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert key in message and str(tmp_path) in message, message
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_align_lit_with_pretrained_towers_keeps_locked_weights(emoji_shards, tmp_path):

@@ -137,6 +137,22 @@ def check(cfg: PretrainConfig) -> None:
     objective_config(cfg.objective)
 
 
+def check_data_paths(cfg: PretrainConfig) -> None:
+    """Every local training shard must exist, checked before training starts (the pipeline itself skips and counts
+    a missing shard, which in a training run would quietly drop part of the data)."""
+    from polymodal.data.shardlist import expand_shards, missing_local
+
+    where = f" (relative paths are read from the current folder, {Path.cwd()})"
+    try:
+        urls = expand_shards(cfg.data.shards, allow_pipe=cfg.data.allow_pipe)
+    except ConfigError as exc:
+        raise ConfigError(f"config key 'data.shards': {exc}{where}") from None
+    missing = missing_local(urls)
+    if missing:
+        raise ConfigError(f"config key 'data.shards': {len(missing)} of {len(urls)} shards do not exist (first: "
+                          f"{missing[0]}){where}")
+
+
 def objective_config(section: dict[str, Any]) -> Any:
     """The objective's typed config, checked against the schema of the objective `section['name']` names."""
     from polymodal.pretrain.objectives import objective_class

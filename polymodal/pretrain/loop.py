@@ -25,7 +25,7 @@ from polymodal.data.errors import ConfigError
 from polymodal.data.pipeline import ShardLoader
 from polymodal.distributed import Placement
 from polymodal.pretrain import TrainingAborted, checkpoint
-from polymodal.pretrain.config import PretrainConfig
+from polymodal.pretrain.config import PretrainConfig, check_data_paths
 from polymodal.pretrain.distributed import World, init_distributed, patient_barrier, shutdown
 from polymodal.pretrain.engine import Engine, StepResult, resolve_precision_and_stage, to_device
 from polymodal.pretrain.flops import device_peak_flops, training_flops_per_sample
@@ -116,10 +116,11 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
     run_dir = Path(cfg.run_dir)
     precision, stage = resolve_precision_and_stage(cfg, world)
     start = plan_start(cfg, world, stage)
+    check_data_paths(cfg)  # every path is checked before any data is read or any step taken
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    objective = build_objective(cfg.objective)
-    objective.check_run(cfg, stage)  # before any data is read or any step taken
+    objective = build_objective(cfg.objective)  # pretrained files named in its config are read here
+    objective.check_run(cfg, stage)  # its own settings and paths (end-of-run evaluation sets)
     seed = cfg.seed * 1000 + world.rank + 1  # then different randomness per rank (dropout, masking)
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
 
