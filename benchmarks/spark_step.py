@@ -243,9 +243,9 @@ def build(args, device: torch.device):
     from polymodal.pretrain.objectives.spark import SparK
 
     torch.manual_seed(args.seed)
-    config = SparK.Config(model=args.model, image_size=args.image_size, mask_ratio=args.mask_ratio,
-                          decoder_width=args.decoder_width)
+    config = SparK.Config(model=args.model, mask_ratio=args.mask_ratio, decoder_width=args.decoder_width)
     ours = SparK(config)
+    ours.check_image_size(args.image_size)  # whole patches at the backbone's stride, at least 2 visible
     peer = copy.deepcopy(ours)
     peer.encoder = OriginalSparseEncoder(args.model)
     peer.load_state_dict(ours.state_dict())  # strict: every weight and buffer of ours, under the same name
