@@ -40,6 +40,15 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
 
+    def preprocessing(self) -> dict:
+        """What besides the weights decides `encode_image`'s output for a given batch of pixels, for feature cache
+        keys: the input resolution, the normalisation (mean and std, and the dtype they are applied in) and the
+        image tower's weight dtype."""
+        weights = next(self.image_fn.parameters(), None)
+        return {"image_size": int(self.image_size), "mean": self.mean.flatten().tolist(),
+                "std": self.std.flatten().tolist(), "normalise_dtype": str(self.mean.dtype),
+                "weights_dtype": str(weights.dtype) if weights is not None else None}
+
     @property
     def has_text(self) -> bool:
         return self.text_fn is not None

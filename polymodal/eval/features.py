@@ -71,10 +71,17 @@ def gather_objects(local: dict[str, Any], world: Placement) -> list[dict[str, An
     return parts
 
 
-def cache_path(cache_dir: str | Path, model_id: str, shards: str, image_size: int, modalities: list[str]) -> Path:
+def cache_path(cache_dir: str | Path, model_id: str, shards: str, modalities: list[str], preprocessing: dict,
+               opts: RunOptions) -> Path:
+    """The cache file of one extraction. Its key holds everything that changes the features: the model
+    (`model_id`: its spec, weights file and seed), the shards (paths, sizes, times), what is read with the images,
+    the encoder's preprocessing (`Encoder.preprocessing()`: resolution, mean and std, dtypes), and the precision
+    and device type the encoder runs in (bf16 features are not fp32 features)."""
     urls = expand_shards(shards)
     stamp = [(u, Path(u).stat().st_mtime_ns, Path(u).stat().st_size) if Path(u).exists() else (u,) for u in urls]
-    digest = hashlib.sha256(json.dumps([model_id, stamp, image_size, modalities]).encode()).hexdigest()[:20]
+    key = {"version": 2, "model": model_id, "shards": stamp, "modalities": modalities, "preprocessing": preprocessing,
+           "precision": opts.precision, "device": torch.device(opts.device).type}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return Path(cache_dir) / f"features-{digest}.pt"
 
 

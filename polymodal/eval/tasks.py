@@ -2,7 +2,8 @@
 
   zeroshot_classification   acc1, acc5, mean_per_class_recall (class embedding: normalised mean of the
                             normalised prompt embeddings; scores: cosine, as CLIP_benchmark's 100 * cos ranks alike)
-  zeroshot_retrieval        image_retrieval_recall@k (text -> image), text_retrieval_recall@k (image -> text)
+  zeroshot_retrieval        image_retrieval_recall@k (text -> image), text_retrieval_recall@k (image -> text);
+                            ties with other keys count against the query (retrieval.py)
   linear_probe              lp_acc1, lp_acc5, lp_mean_per_class_recall, best_C (fit on the train split)
   knn                       knn_acc1, knn_acc5, knn_mean_per_class_recall (cosine, k=20, T=0.07, as DINO)
 
@@ -47,7 +48,8 @@ def _features(encoder, shards: str, opts: TaskOptions, **what) -> Features:
     cache = None
     if opts.cache_dir:
         modalities = ["rgb"] + [k for k, v in what.items() if v]
-        cache = cache_path(opts.cache_dir, opts.model_id or encoder.name, shards, encoder.image_size, modalities)
+        cache = cache_path(opts.cache_dir, opts.model_id or encoder.name, shards, modalities, encoder.preprocessing(),
+                           opts)
     return extract_features(encoder, shards, opts, cache=cache, **what)
 
 
@@ -108,7 +110,11 @@ def zeroshot_retrieval(encoder, dataset: EvalDataset, opts: TaskOptions) -> dict
         owner += [image_index] * len(lines)
     if not texts:
         raise ConfigError(f"dataset {dataset.name}: no captions to retrieve")
-    text = encode_texts(encoder, texts, opts)
+    # Each distinct caption is encoded once: a caption two images share gets one embedding, so the two tie exactly
+    # (ties count against the model; see retrieval.py), whichever batches the copies would have fallen in.
+    distinct = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(distinct)}
+    text = encode_texts(encoder, distinct, opts)[torch.tensor([where[t] for t in texts])]
     metrics = retrieval_metrics(feats.image, text, torch.tensor(owner), opts.ks)
     return {**metrics, "images": len(feats.image), "captions": len(texts)}
 
