@@ -105,8 +105,23 @@ def cmd_resolve(args) -> int:
     return 0
 
 
+def rounded(value):
+    """Floats to 4 significant digits, inside lists and dicts too (headlines are for reading)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
 def headline(name: str, report: dict) -> dict:
     """The few figures worth reading first from one part's JSON."""
+    return rounded(_headline(name, report))
+
+
+def _headline(name: str, report: dict) -> dict:
     if name == "engine_overhead":
         res = report.get("results", {})
         return {k: res.get(k) for k in ("ratio", "ratio_spread", "goal_met")} | {
