@@ -50,13 +50,15 @@ class SampleDecoder:
 
     def __call__(self, raw: RawSample, rng) -> dict[str, Any]:
         sample: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
+        found = [(modality, modality.find(raw), required) for modality, required in self.wanted]
+        # Checked before any decoding: data lacking a required modality is skipped cheaply.
+        for modality, ext, required in found:
+            if ext is None and required:
+                raise SampleSkipped("missing_modality", f"no {modality.name} member "
+                                    f"(looked for .{', .'.join(modality.extensions)})")
         images = {}
-        for modality, required in self.wanted:
-            ext = modality.find(raw)
+        for modality, ext, _ in found:
             if ext is None:
-                if required:
-                    raise SampleSkipped("missing_modality", f"no {modality.name} member "
-                                        f"(looked for .{', .'.join(modality.extensions)})")
                 continue
             value = modality.decode(raw[ext], ext, self.max_pixels)
             if modality.geometry:
@@ -112,16 +114,24 @@ class ShardDataset(IterableDataset):
             return {**collate(samples), "__state__": position(done)}
 
         pending: list[dict] = []
-        for pos, idx, raw in stream:
-            try:
-                pending.append(self.decoder(raw, augment_rng(cfg.seed, self.epoch, worker, pos, idx)))
-            except Exception as exc:  # one bad sample never stops the run
-                skip = skip_reason(exc)
-                counter.add(skip.reason, f"{raw['__url__']} key {raw['__key__']}: {skip.detail}")
-                continue
-            if len(pending) == cfg.batch_size:
-                yield emit(pending)
-                pending = []
+        try:
+            for pos, idx, raw in stream:
+                try:
+                    pending.append(self.decoder(raw, augment_rng(cfg.seed, self.epoch, worker, pos, idx)))
+                except Exception as exc:  # one bad sample never stops the run
+                    skip = skip_reason(exc)
+                    counter.add(skip.reason, f"{raw['__url__']} key {raw['__key__']}: {skip.detail}")
+                    stream.judge(pos, usable=False)
+                    continue
+                stream.judge(pos, usable=True)
+                if len(pending) == cfg.batch_size:
+                    yield emit(pending)
+                    pending = []
+        except ConfigError as exc:
+            # Handed to the loader, which raises it in the main process: raised here, a worker's error would
+            # arrive re-raised by torch with the worker's traceback inside its message.
+            yield {"__error__": str(exc), "__state__": position(False)}
+            return
         if pending and not cfg.drop_last:
             yield emit(pending, done=True)
         else:
@@ -203,6 +213,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         per_rank = max(self.num_workers, 1)
         for batch in self._dataloader():
+            if "__error__" in batch:
+                raise ConfigError(batch["__error__"])
             meta = batch.pop("__state__")
             self._states[meta["worker"]] = meta["state"]
             self._next_worker = (meta["worker"] + 1) % per_rank

@@ -11,10 +11,16 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from polymodal.data.errors import SkipCounter
+from polymodal.data.errors import ConfigError, SkipCounter, summarize
 from polymodal.data.tar_samples import RawSample, iter_shard
 
 _WORD = 1 << 32
+
+# Resampled mode never ends by itself: when this many shard draws in a row (per shard listed, up to a cap) gave
+# no usable sample, the data cannot feed training (a required modality no shard holds, every shard empty or
+# gone) and the stream stops with the skip counts instead of spinning forever. Generous, so a dataset where
+# only a few shards are usable still runs: with one good shard in N, 20 N draws all miss it with odds ~e^-20.
+IDLE_DRAWS_PER_SHARD, MAX_IDLE_DRAWS = 20, 1000
 
 
 def seeded(*parts: int) -> random.Random:
@@ -47,6 +53,8 @@ class WorkerStream:
     resampled=False: the worker's share of the epoch's shards, once each. resampled=True: an endless series of
     shards drawn with replacement. Positions: `cursor` is the index of the shard being read in that series,
     `read` the number of sample slots of it consumed, `buffer` the (shard position, sample index) pairs held.
+    The consumer reports whether each sample it took was usable (`judge`); resampled mode raises ConfigError
+    after too many draws without one.
     """
 
     def __init__(self, urls: list[str], *, seed: int, epoch: int, worker: int, total_workers: int,
@@ -64,6 +72,10 @@ class WorkerStream:
         self.read = 0
         self.picks = 0
         self.buffer: list[tuple[int, int, RawSample]] = []
+        self.idle_limit = min(IDLE_DRAWS_PER_SHARD * len(urls), MAX_IDLE_DRAWS) if resampled else None
+        # Draws found without a usable sample since the last usable one; a sample still in the buffer is not
+        # judged yet, so filling the buffer never counts.
+        self.idle_draws: set[int] = set()
 
     def shard_at(self, pos: int) -> str | None:
         if self.resampled:
@@ -93,6 +105,21 @@ class WorkerStream:
         # A sample that cannot be found again (the shard changed on disk) is dropped rather than invented.
         self.buffer = [(pos, idx, found[(pos, idx)]) for pos, idx in state["buffer"] if (pos, idx) in found]
 
+    # -- usable data ----------------------------------------------------------------------------------------
+
+    def judge(self, pos: int, usable: bool) -> None:
+        """The consumer's verdict on a sample taken from draw `pos`. Raises ConfigError past the idle limit."""
+        if usable:
+            self.idle_draws.clear()
+            return
+        self.idle_draws.add(pos)
+        if self.idle_limit is not None and len(self.idle_draws) >= self.idle_limit:
+            where = f"[{self.counter.where}] " if self.counter.where else ""
+            raise ConfigError(
+                f"{where}no usable sample in {len(self.idle_draws)} shard draws (data.resampled=true draws "
+                f"forever, so it stops here): {summarize(self.counter.as_dict())}. Check data.modalities and "
+                "data.shards against what the shards hold: polymodal data inspect SHARDS")
+
     # -- iteration ------------------------------------------------------------------------------------------
 
     def _pick(self) -> tuple[int, int, RawSample]:
@@ -111,16 +138,20 @@ class WorkerStream:
             if url is None:
                 break
             skip = self.read
+            found = False
             for idx, raw in iter_shard(url, self.counter, self.allow_pipe, count_from=skip):
                 if idx < skip:
                     continue
                 self.read = idx + 1
+                found = True
                 if self.buffer_size == 0:
                     yield self.cursor, idx, raw
                     continue
                 self.buffer.append((self.cursor, idx, raw))
                 if len(self.buffer) >= self._threshold():
                     yield self._pick()
+            if not found:
+                self.judge(self.cursor, usable=False)
             self.cursor += 1
             self.read = 0
         while self.buffer:
