@@ -6,8 +6,8 @@ hits both alike:
 
   ours  what `polymodal pretrain` does per step, less writing the JSON line: engine.lr(),
         engine.step(iter([batch])) (to_device, DeepSpeed forward/backward/step with ZeRO 0, GuardedAdamW,
-        gradient clipping), engine.average_over_ranks(...), engine.grad_norm(), and json.dumps of the record the
-        loop writes (memory_gb included)
+        gradient clipping), engine.reduce([result], ...) (log.every=1: each step a sync point), engine.grad_norm(),
+        and json.dumps of the record the loop writes (memory_gb included)
   bare  the same objective module (timm model + cross-entropy) with torch.optim.AdamW over the same param groups
         (polymodal.pretrain.optim.param_groups), LambdaLR with the same schedule, loss.backward(),
         torch.nn.utils.clip_grad_norm_, optimizer.step(), scheduler.step(), zero_grad(set_to_none=True); every
@@ -126,21 +126,21 @@ class Ours:
         began = time.perf_counter()
         lr = engine.lr()
         result = engine.step(iter([batch]))
-        metrics, flags = engine.average_over_ranks(result, False)
+        # log.every=1 (the default): every step is a sync point, reduced over ranks on its own
+        (reduced,), _stop = engine.reduce([result], False)
         self.n += 1
         seconds = time.perf_counter() - began
-        bad = flags["skipped"] or flags["nonfinite_loss"]
-        flops = self.flops_per_sample * flags["samples"] / seconds / self.world.world_size
+        flops = self.flops_per_sample * reduced.samples / seconds / self.world.world_size
         json.dumps({
-            "step": self.n, "time": time.time(), "epoch": 0, **metrics, "lr": lr,
-            "grad_norm": None if bad else engine.grad_norm(),
-            "samples_per_s": flags["samples"] / seconds,
-            "tokens_per_s": flags["tokens"] / seconds if flags["tokens"] else None,
-            "data_wait": min(1.0, flags["data_wait"] / seconds), "flops_per_s": flops,
+            "step": self.n, "time": time.time(), "epoch": 0, **reduced.metrics, "lr": lr,
+            "grad_norm": None if reduced.bad else engine.grad_norm(),
+            "samples_per_s": reduced.samples / seconds,
+            "tokens_per_s": reduced.tokens / seconds if reduced.tokens else None,
+            "data_wait": min(1.0, reduced.data_wait / seconds), "flops_per_s": flops,
             "mfu": flops / self.peak if self.peak else None, "mem_gb": memory_gb(self.world.device),
             "skipped_steps": 0, "samples": 0})
-        self.losses.append(metrics["loss"])
-        return metrics["loss"]
+        self.losses.append(reduced.metrics["loss"])
+        return reduced.metrics["loss"]
 
 
 class Bare:
