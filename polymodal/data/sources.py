@@ -59,6 +59,10 @@ class Source:
     def records(self) -> Iterator[Record]:
         raise NotImplementedError
 
+    def failure_hint(self) -> str:
+        """Where the records' inputs come from, for an error when none of them could be used ('' if obvious)."""
+        return ""
+
 
 def _is_image_name(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
@@ -104,7 +108,7 @@ class ImageFolderSource(Source):
             try:
                 record["rgb"] = Path(self.root, rel).read_bytes()
             except OSError as exc:
-                record["error"] = SampleSkipped("unreadable_source", f"{rel}: {exc}")
+                record["error"] = SampleSkipped("unreadable_source", str(exc))  # the writer names the source
             cls = _class_of(rel)
             if cls is not None:
                 record["label"] = self.index[cls]
@@ -209,6 +213,12 @@ class TableSource(Source):
         self.rows = _ordered(rows, opts)
         self.length = len(self.rows)
 
+    def failure_hint(self) -> str:
+        if not self.image_field:
+            return ""
+        return (f"image paths were read from column {self.image_field!r} (relative to {self.root}); "
+                "name the right column with --image-field")
+
     def _caption(self, row: dict) -> str | None:
         if self.template:
             try:
@@ -242,7 +252,8 @@ class TableSource(Source):
             except SampleSkipped as exc:
                 record["error"] = exc
             except (OSError, KeyError, ValueError) as exc:
-                record["error"] = SampleSkipped("unreadable_source", f"{record['source']}: {exc}")
+                detail = f"no field {exc}" if isinstance(exc, KeyError) else str(exc)
+                record["error"] = SampleSkipped("unreadable_source", detail)
             record["meta"] = {k: v for k, v in row.items() if k not in used and not k.startswith("__")}
             yield record
 
@@ -302,6 +313,9 @@ class LabelCaptions(Source):
             raise ConfigError(f"--label-captions: template {bad[0]!r} has no {{c}} for the class name")
         self.inner, self.templates, self.seed = inner, templates, seed
         self.classnames, self.length = inner.classnames, inner.length
+
+    def failure_hint(self) -> str:
+        return self.inner.failure_hint()
 
     def records(self) -> Iterator[Record]:
         for record in self.inner.records():

@@ -250,6 +250,18 @@ def _records_after(source: Source, start: int) -> Iterator[Record]:
             yield record
 
 
+def _nothing_written(source: Source, records: int, failures: Counter, first_failure: dict[str, str]) -> str:
+    """Why a conversion wrote no sample at all: its top skip reason, an example, where the inputs came from."""
+    if not failures:
+        return f"wrote no samples: the source gave {records} records"
+    ranked = failures.most_common()
+    counts = ", ".join(f"{reason}={n}" for reason, n in ranked)
+    top = ranked[0][0]
+    example = f"; first {top}: {first_failure[top]}" if top in first_failure else ""
+    hint = source.failure_hint()
+    return f"wrote no samples: all {records} records were skipped ({counts}{example})" + (f". {hint}" if hint else "")
+
+
 def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, split: str | None = None,
                  resume: bool = False, overwrite: bool = False, templates: list[str] | None = None,
                  settings: dict | None = None, show_progress: bool = True) -> dict:
@@ -276,6 +288,7 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
                                   "modalities": {}}
     consumed, written, total_bytes = last["records"], last["total_samples"], last["total_bytes"]
     failures, found = Counter(last["failures"]), Counter(last["modalities"])
+    first_failure: dict[str, str] = {}  # reason -> detail of its first record (logged, and quoted if all fail)
     if kept:
         log.info("resuming after %d finished shards (%d records done)", len(kept), consumed)
     shard_no = len(kept)
@@ -309,6 +322,7 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
             if status == "skip":
                 if failures[payload] == 0:
                     log.warning("skipped (%s): %s", payload, detail)
+                    first_failure[payload] = detail
                 failures[payload] += 1
                 continue
             if shard is None:
@@ -328,6 +342,8 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
         bar.close()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+    if written == 0:
+        raise ConfigError(_nothing_written(source, consumed, failures, first_failure))
     stats = {"source": str(settings.get("source")) if settings else None, "samples": written,
              "records_read": consumed, "shards": shard_no, "bytes": total_bytes, "failures": dict(failures),
              "modalities": dict(found), "classes": len(source.classnames) if source.classnames else 0,
