@@ -53,8 +53,8 @@ def main() -> None:
         parts = [{k: v[i * micro:(i + 1) * micro] for k, v in batch.items()} for i in range(2)]
         mine = parts[world.rank::world.world_size]
         result = engine.step(iter(mine))
-        metrics, _ = engine.average_over_ranks(result, False)
-        losses.append(metrics["loss"])
+        (reduced,), _ = engine.reduce([result], False)
+        losses.append(reduced.metrics["loss"])
     if args.outputs:
         run_dir = Path(args.outputs)
         meta = {"world_size": world.world_size, "zero_stage": args.zero_stage, "objective": cfg.objective}

@@ -85,7 +85,7 @@ def test_demo_main_job_ends_with_a_retrieval_table(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("evaluate.retrieval_shards=held-out/{0..3}.tar", "evaluate.retrieval_shards"),
     ("evaluate.zeroshot=[no/such/folder]", "evaluate.zeroshot"),
-    ("data.shards=[${demo_data:}/train/0.tar.gz,missing/1.tar]", "data.shards")])
+    ('data.shards=["${demo_data:}/train/0.tar.gz","missing/1.tar"]', "data.shards")])
 def test_paths_are_checked_before_training(tmp_path, override, key):
     """A path that does not exist stops the run at start (exit 2, naming the key and the folder relative paths
     are read from), not after minutes of training."""
@@ -203,3 +203,30 @@ def test_zeroshot_of_a_trained_run_matches_a_direct_computation(clip_run, data_r
         batch = next(iter(ShardLoader(cfg, where=Placement(0, 1))))
         predicted = (model.encode_image(batch["rgb"]) @ classes.T).argmax(dim=1)
     assert metrics["acc1"] == pytest.approx(float((predicted == batch["label"]).float().mean()), abs=1e-9)
+
+
+def test_export_formats_dispatch_through_the_registry(clip_run, tmp_path):
+    """`checkpoint export --format` asks the checkpoint's objective which formats it offers: clip offers open_clip,
+    not timm (spark's), and says so."""
+    env = subprocess_env() | {"DS_ACCELERATOR": "cpu"}
+    refused = subprocess.run(polymodal_cmd() + ["checkpoint", "export", str(clip_run), "--format", "timm"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "objective 'clip' exports to polymodal, open_clip" in refused.stderr, refused.stderr
+    done = subprocess.run(polymodal_cmd() + ["checkpoint", "export", str(clip_run), "--format", "open_clip",
+                                             "--out", str(tmp_path / "oc.safetensors")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "oc.safetensors"), framework="pt") as f:
+        assert f.metadata()["open_clip.model"] == "polymodal-tiny-vit"
+        assert "logit_scale" in f.keys() and not any(k.startswith("model.") for k in f.keys())
+
+
+def test_hooks_refuse_settings_the_objective_cannot_honour(tmp_path):
+    """log.images_every on an objective that draws nothing is a config error at start, naming the key."""
+    env = subprocess_env() | {"DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(polymodal_cmd() + ["pretrain", DEMO, f"run_dir={tmp_path}", "log.images_every=2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "log.images_every" in done.stderr and "draws no images" in done.stderr

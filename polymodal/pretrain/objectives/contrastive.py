@@ -140,14 +140,15 @@ class Contrastive(Objective):
 
         from polymodal.eval.encoders import load_encoder
         from polymodal.eval.tasks import TaskOptions
-        from polymodal.eval.training_eval import evaluate_after_training
+        from polymodal.eval.training_eval import evaluate_held_out
 
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"  # this rank's
         rank = dist.get_rank() if dist.is_initialized() else 0
         encoder = load_encoder(str(weights), cfg.data.image_size).to(device)
         opts = TaskOptions(num_workers=min(cfg.data.num_workers, 2), device=device,
                            progress=cfg.log.progress and rank == 0, distributed=True)
-        results, lines = evaluate_after_training(encoder, cfg.evaluate.retrieval_shards, cfg.evaluate.zeroshot, opts)
+        retrieval = [cfg.evaluate.retrieval_shards] if cfg.evaluate.retrieval_shards else []
+        results, lines = evaluate_held_out(encoder, retrieval, cfg.evaluate.zeroshot, opts)
         if rank == 0:
             print("\n".join(lines), flush=True)
         return results
