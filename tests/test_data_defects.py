@@ -24,9 +24,10 @@ import pytest
 from conftest import REPO, subprocess_env
 from polymodal.config import load_config
 from polymodal.data.config import DataConfig
-from polymodal.data.errors import ConfigError
+from polymodal.data.errors import ConfigError, SkipCounter
 from polymodal.data.pipeline import ShardLoader
 from polymodal.data.sources import SourceOptions, open_source
+from polymodal.data.stream import WorkerStream
 from polymodal.data.writer import WriterOptions, write_shards
 
 DEMO_SHARDS = REPO / "polymodal" / "demo_data" / "train"  # rgb + caption, no label
@@ -96,6 +97,32 @@ def test_cli_stream_keeps_every_complete_sample_of_a_cut_shard(tmp_path, twelve_
                "num_workers=0", "batch_size=4", "-q")
     assert proc.returncode == 0, proc.stderr
     assert "6 samples in 2 batches" in proc.stdout and "truncated_shard=1" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("where", ["first_header_of_7th", "image_of_7th"])
+def test_resume_anywhere_around_a_cut_counts_it_once(tmp_path, twelve_samples, where):
+    """The kept 6th sample goes out before the cut is counted: a position saved between them replays the count."""
+    (tmp_path / "0.tar").write_bytes(twelve_samples.read_bytes()[: cut_offset(twelve_samples, where)])
+    shutil.copy(twelve_samples, tmp_path / "1.tar")
+
+    def stream(counter: SkipCounter) -> WorkerStream:
+        return WorkerStream([str(tmp_path / "0.tar"), str(tmp_path / "1.tar")], seed=0, epoch=0, worker=0,
+                            total_workers=1, resampled=False, shuffle_shards=False, buffer_size=4, buffer_initial=2,
+                            counter=counter)
+
+    counter = SkipCounter()
+    full = [(pos, idx) for pos, idx, _ in stream(counter)]
+    assert len(full) == 6 + 12 and counter.as_dict() == {"truncated_shard": 1}
+    for stop in range(len(full)):
+        first_counter = SkipCounter()
+        first = stream(first_counter)
+        taken = [(pos, idx) for _, (pos, idx, _) in zip(range(stop), first)]  # range first: takes no extra
+        resumed_counter = SkipCounter()
+        resumed_counter.load(first_counter.as_dict())
+        resumed = stream(resumed_counter)
+        resumed.restore(first.state())
+        assert taken + [(pos, idx) for pos, idx, _ in resumed] == full
+        assert resumed_counter.as_dict() == {"truncated_shard": 1}, stop
 
 
 # ---------------------------------------------------------------------------------------------------------------
