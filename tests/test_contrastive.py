@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,3 +231,32 @@ def test_hooks_refuse_settings_the_objective_cannot_honour(tmp_path):
     done = subprocess.run(polymodal_cmd() + ["pretrain", DEMO, f"run_dir={tmp_path}", "log.images_every=2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "log.images_every" in done.stderr and "draws no images" in done.stderr
+
+
+def test_two_ranks_in_epoch_mode_with_uneven_batches_then_evaluate_together(emoji_shards, tmp_path):
+    """2 gloo ranks in epoch mode without drop_last on shards of 500 and 411 pairs: at step 7 rank 0 holds 64
+    pairs and rank 1 the last 27 of its epoch (the loss gathers uneven batches; tests/contrastive_ranks.py checks
+    the values against one rank). The end-of-run retrieval then runs on both ranks and gives what one process
+    computes on the exported weights."""
+    from polymodal.eval.encoders import load_encoder
+    from polymodal.eval.tasks import TaskOptions
+    from polymodal.eval.training_eval import evaluate_held_out
+
+    env = subprocess_env() | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    held_out = str(emoji_shards / "3.tar")
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "polymodal", "pretrain", DEMO, f"run_dir={run_dir}", "log.progress=false",
+                           f'data.shards=["{emoji_shards / "2.tar"}","{held_out}"]', "data.resampled=false",
+                           "data.drop_last=false", "data.num_workers=1", "data.batch_size=64", "steps=8",
+                           "checkpoint.every=0", f"evaluate.retrieval_shards={held_out}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["loss"] == r["loss"] for r in rows)
+    assert rows[6]["epoch"] == 0 and rows[6]["samples"] == 7 * 128 - 64 + 27  # step 7: 64 + 27 pairs
+    together = json.loads((run_dir / "eval.json").read_text())["retrieval"]
+    alone = evaluate_held_out(load_encoder(str(run_dir)), [held_out], [],
+                              TaskOptions(num_workers=1, progress=False, distributed=False)).metrics["retrieval"]
+    assert together == pytest.approx(alone, abs=1e-9)
+    assert together["images"] == 411
