@@ -53,6 +53,41 @@ def cifar_test_shards(tmp_path_factory, data_root) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): small
+    models run faster so on 2 shared cores, and results do not depend on the machine's thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cifar_test_images(data_root: Path, count: int, size: int):
+    """The first `count` CIFAR-10 test JPEGs, resized to `size` px and ImageNet-normalised: float [count, 3, size,
+    size]."""
+    import io
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    pictures = []
+    with tarfile.open(data_root / "cifar10" / "test.tar.gz") as archive:
+        for member in archive:
+            if member.name.endswith(".jpg"):
+                with Image.open(io.BytesIO(archive.extractfile(member).read())) as picture:
+                    pictures.append(picture.convert("RGB").resize((size, size), Image.BILINEAR))
+                if len(pictures) == count:
+                    break
+    rgb = torch.stack([torch.frombuffer(bytearray(p.tobytes()), dtype=torch.uint8) for p in pictures])
+    rgb = rgb.view(-1, size, size, 3).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
 def polymodal_cmd() -> list[str]:
     return [sys.executable, "-m", "polymodal"]
 

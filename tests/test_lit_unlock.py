@@ -5,45 +5,23 @@ BatchNorm layers keep their running statistics (open_clip's freeze_bn_stats). Re
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pytest
 import timm
 import torch
 from timm.models import group_parameters
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from conftest import cifar_test_images
 from polymodal.models.dual_encoder import DualEncoder, ImageTower, TextTower
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def images(data_root) -> torch.Tensor:
     """Eight CIFAR-10 test JPEGs at 64 px, ImageNet-normalised."""
-    from PIL import Image
-
-    pictures = []
-    with tarfile.open(data_root / "cifar10" / "test.tar.gz") as archive:
-        for member in archive:
-            if member.name.endswith(".jpg"):
-                with Image.open(io.BytesIO(archive.extractfile(member).read())) as picture:
-                    pictures.append(picture.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
-                if len(pictures) == 8:
-                    break
-    rgb = torch.stack([torch.frombuffer(bytearray(p.tobytes()), dtype=torch.uint8) for p in pictures])
-    rgb = rgb.view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    return (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return cifar_test_images(data_root, 8, SIZE)
 
 
 def timm_groups(name: str) -> list[set[str]]:

@@ -130,7 +130,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                     "labelled data, CLIP_benchmark's classnames.txt and zeroshot_classification_templates.txt. "
                     "SOURCE: an image folder with class subfolders, a .tar/.tar.gz of one, a .jsonl/.csv/.parquet "
                     "table of image paths and captions, IDX (.gz) images (labels file beside it), or an .npz "
-                    "with x/y arrays. Bad records are skipped and counted, never fatal.",
+                    "with x/y arrays. Bad records are skipped and counted; only a source of which no record could "
+                    "be written is an error (exit 2, naming the top reason).",
         epilog="example: polymodal data shards ../shared/data/cifar10/test.tar.gz out/cifar10 --split test")
     shards.add_argument("source", help="dataset to convert (see above)")
     shards.add_argument("out_dir", help="output folder (created)")
