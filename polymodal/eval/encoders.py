@@ -118,12 +118,18 @@ class _TrimmedCausalText(nn.Module):
         return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
 
 
-def _open_clip_encoder(name: str, model: nn.Module, tokenizer: Callable) -> Encoder:
+def open_clip_encoder(name: str, model: nn.Module, tokenizer: Callable) -> Encoder:
+    """A two-tower model with open_clip's CLIP interface (open_clip models, our clip/siglip/align objectives)."""
     pre = getattr(model, "preprocess_cfg", None) or model.visual.preprocess_cfg
     size = getattr(getattr(model, "visual", None), "image_size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else size
     text = _TrimmedCausalText(model) if _TrimmedCausalText.trimmable(model) else _Call(model, "encode_text")
     return Encoder(name, _Call(model, "encode_image"), pre["mean"], pre["std"], int(size), text, tokenizer)
+
+
+def image_features_encoder(name: str, objective: nn.Module) -> Encoder:
+    """An image-only objective's `image_features(normalised images)`, with its config's mean and std."""
+    return Encoder(name, _Call(objective, "image_features"), objective.config.mean, objective.config.std, 224)
 
 
 def _polymodal_checkpoint(spec: str) -> Encoder:
@@ -136,11 +142,8 @@ def _polymodal_checkpoint(spec: str) -> Encoder:
                           "`polymodal checkpoint export RUN_DIR`)")
     objective = load_exported(weights)
     trained_size = int(exported_metadata(weights).get("polymodal.image_size", 0)) or None
-    if hasattr(objective, "model") and hasattr(objective.model, "encode_text"):  # clip, siglip, align
-        encoder = _open_clip_encoder(spec, objective.model, objective.tokenizer())
-    elif hasattr(objective, "image_features"):  # image-only objectives
-        encoder = Encoder(spec, _Call(objective, "image_features"), objective.config.mean, objective.config.std, 224)
-    else:
+    encoder = objective.eval_encoder(spec)  # the objective's hook says what it offers
+    if encoder is None:
         raise ConfigError(f"model {spec}: objective {objective.name!r} offers no image features to evaluate")
     encoder.image_size = trained_size or encoder.image_size
     return encoder
@@ -201,7 +204,7 @@ def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
 
         name, _, weights = rest.partition(":")
         model = open_clip_towers.create(name, weights or None)
-        encoder = _open_clip_encoder(spec, model, open_clip_towers.tokenizer(name))
+        encoder = open_clip_encoder(spec, model, open_clip_towers.tokenizer(name))
     elif kind == "timm" and rest:
         name, _, weights = rest.partition(":")
         encoder = _timm_encoder(name, weights or None)

@@ -26,6 +26,7 @@ class Objective(nn.Module):
     Hooks, each with a default that does nothing:
     - `check_run(cfg, zero_stage)`: refuse settings this objective cannot train with, before anything starts;
     - `log_images(batch, path)`: draw the objective's work on a batch (objectives that set `draws_images`);
+    - `eval_encoder(name)`: the model as `polymodal eval` and `embed` use it;
     - `evaluate(run_dir, weights, cfg)`: end-of-run evaluation on every rank, with the exported weights
       (objectives that set `evaluates`);
     - `export_formats`: the `checkpoint export --format` names it supports (registered in pretrain/export.py).
@@ -77,6 +78,11 @@ class Objective(nn.Module):
     def log_images(self, batch: dict[str, Any], path: Path | None) -> Path | None:
         """Draw the objective's work on `batch` to the PNG `path`. Called on every rank when the weights are
         partitioned (ZeRO-3 gathers them collectively); `path` is None on all ranks but the one that writes."""
+        return None
+
+    def eval_encoder(self, name: str):
+        """The trained model as `polymodal eval` and `embed` see it (a polymodal.eval.encoders.Encoder: image
+        features, and text features for two-tower models), or None when it offers no features."""
         return None
 
     def evaluate(self, run_dir: Path, weights: Path, cfg: PretrainConfig) -> dict | None:

@@ -42,6 +42,11 @@ class Classify(Objective):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1) * 255, persistent=False)
 
+    def eval_encoder(self, name: str):
+        from polymodal.eval.encoders import image_features_encoder
+
+        return image_features_encoder(name, self)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features before the classifier, of normalised images (for linear probe and kNN)."""
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)

@@ -130,6 +130,11 @@ class Contrastive(Objective):
         for spec in cfg.evaluate.zeroshot:
             check_dataset_spec(spec, "evaluate.zeroshot", labelled=True)
 
+    def eval_encoder(self, name: str):
+        from polymodal.eval.encoders import open_clip_encoder
+
+        return open_clip_encoder(name, self.model, self.tokenizer())
+
     def evaluate(self, run_dir: Path, weights: Path, cfg) -> dict | None:
         """Retrieval on `evaluate.retrieval_shards` and zero-shot classification on each of `evaluate.zeroshot`,
         with the exported weights (which also proves the export), on every rank: each encodes its share of the

@@ -136,6 +136,11 @@ class SparK(Objective):
         return {"loss": loss, "mask_ratio": masked.mean().detach(),
                 "visible_loss": ((per_patch * (1 - masked)).sum() / (1 - masked).sum()).detach()}
 
+    def eval_encoder(self, name: str):
+        from polymodal.eval.encoders import image_features_encoder
+
+        return image_features_encoder(name, self)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled last feature map of the dense backbone, of normalised images (for linear probe and kNN)."""
         return self.encoder(images.to(self.decoder.head.weight.dtype))[-1].mean(dim=(2, 3))
