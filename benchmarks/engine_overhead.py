@@ -153,7 +153,7 @@ class Bare:
         self.device = device
         o = cfg.optim
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay, o.lr), lr=o.lr, betas=tuple(o.betas),
                                            eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda step: lr_factor(step, o, cfg.steps))

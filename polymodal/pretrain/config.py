@@ -31,6 +31,9 @@ class OptimConfig:
     # 'cosine' decays from lr to lr * min_lr_ratio after warmup; 'constant' stays at lr.
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
+    # Learning-rate multipliers by parameter-name prefix (the longest matching prefix wins), e.g. a slower rate
+    # for a pretrained tower's unlocked layers: {model.text.net.encoder.layer.5: 0.1}.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +93,9 @@ class PretrainConfig:
     resume: Optional[str] = None
     # Peak FLOP/s of one device for MFU; unset: looked up for known GPUs, unknown on CPU.
     peak_flops: Optional[float] = None
+    # A polymodal export (model.safetensors) whose tensors start this run where names and shapes match, e.g. the
+    # projections a linear-map run learned (configs/lit-linear.yaml); the rest keeps its own initialisation.
+    init_from: Optional[str] = None
     # Extra DeepSpeed config entries merged over the generated ones (expert use).
     deepspeed: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -137,12 +143,14 @@ def check(cfg: PretrainConfig) -> None:
     objective_config(cfg.objective)
 
 
-def check_data_paths(cfg: PretrainConfig) -> None:
+def check_paths(cfg: PretrainConfig) -> None:
     """Every local training shard must exist, checked before training starts (the pipeline itself skips and counts
-    a missing shard, which in a training run would quietly drop part of the data)."""
+    a missing shard, which in a training run would quietly drop part of the data), and so must `init_from`."""
     from polymodal.data.shardlist import expand_shards, missing_local
 
     where = f" (relative paths are read from the current folder, {Path.cwd()})"
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"config key 'init_from': no file {cfg.init_from}{where}")
     try:
         urls = expand_shards(cfg.data.shards, allow_pipe=cfg.data.allow_pipe)
     except ConfigError as exc:

@@ -39,31 +39,33 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     if marker.get("precision", "fp32") != "fp32":
-        state.update(_zero0_masters(states["optimizer"], marker["objective"]))
+        state.update(_zero0_masters(states["optimizer"], marker["objective"], marker.get("param_groups")))
     return state
 
 
-def _zero0_masters(optimizer_state: dict, objective: dict) -> dict[str, torch.Tensor]:
+def _zero0_masters(optimizer_state: dict, objective: dict, recorded_groups: list[list[str]] | None
+                   ) -> dict[str, torch.Tensor]:
     """The fp32 master copy of each trainable parameter from DeepSpeed's ZeRO-0 half-precision optimizer state
     (FP16_UnfusedOptimizer: a list of tensors per group; FP16_Optimizer: one flat tensor per group). The groups
-    hold the parameters in the order polymodal.pretrain.optim built them, which the objective rebuilds."""
+    hold the parameters in the order polymodal.pretrain.optim built them: recorded in the checkpoint, or (older
+    checkpoints) rebuilt from the objective."""
     from polymodal.pretrain.objectives import build_objective
     from polymodal.pretrain.optim import param_group_names
 
     model = build_objective(dict(objective))
-    groups = param_group_names(model)
+    groups = recorded_groups or [names for names, *_ in param_group_names(model)]
     shapes = dict((name, p.shape) for name, p in model.named_parameters())
     if "fp32_groups" in optimizer_state:
         tensors = optimizer_state["fp32_groups"]
     elif "fp32_groups_flat" in optimizer_state:
         tensors = [flat.split([shapes[n].numel() for n in names])
-                   for flat, (names, _) in zip(optimizer_state["fp32_groups_flat"], groups)]
+                   for flat, names in zip(optimizer_state["fp32_groups_flat"], groups)]
     else:
         raise ConfigError(f"this ZeRO-0 checkpoint's optimizer state holds no fp32 master weights "
                           f"(keys: {', '.join(optimizer_state)})")
-    if [len(t) for t in tensors] != [len(names) for names, _ in groups]:
+    if [len(t) for t in tensors] != [len(names) for names in groups]:
         raise ConfigError("the checkpoint's fp32 master weights do not match the objective's parameter groups")
-    return {name: t.detach().float().reshape(shapes[name]) for (names, _), group in zip(groups, tensors)
+    return {name: t.detach().float().reshape(shapes[name]) for names, group in zip(groups, tensors)
             for name, t in zip(names, group)}
 
 
@@ -165,6 +167,21 @@ def load_exported(path: str | Path):
     objective = build_objective(json.loads(metadata["polymodal.objective"]))
     objective.load_state_dict(load_file(str(path)), strict=True)
     return objective.eval()
+
+
+def init_from_export(objective, path: str | Path) -> list[str]:
+    """Copy into `objective` every tensor of the polymodal export `path` whose name and shape match one of its own
+    (a previous run's projections into a new run, say); returns the names copied. Nothing matching is an error."""
+    from safetensors.torch import load_file
+
+    own = objective.state_dict()
+    found = load_file(str(path))
+    matched = {k: v for k, v in found.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ConfigError(f"config key 'init_from': no tensor of {path} matches a name and shape of objective "
+                          f"{objective.name!r} (it holds {', '.join(sorted(found)[:4])}...)")
+    objective.load_state_dict(matched, strict=False)
+    return sorted(matched)
 
 
 def make_universal(path: Path, workers: int = 2) -> Path:

@@ -25,11 +25,13 @@ from polymodal.data.errors import ConfigError
 from polymodal.data.pipeline import ShardLoader
 from polymodal.distributed import Placement
 from polymodal.pretrain import TrainingAborted, checkpoint
-from polymodal.pretrain.config import PretrainConfig, check_data_paths
+from polymodal.pretrain.config import PretrainConfig, check_paths
 from polymodal.pretrain.distributed import World, init_distributed, patient_barrier, shutdown
 from polymodal.pretrain.engine import Engine, StepResult, resolve_precision_and_stage, to_device
+from polymodal.pretrain.export import init_from_export
 from polymodal.pretrain.flops import device_peak_flops, training_flops_per_sample
 from polymodal.pretrain.objectives import build_objective
+from polymodal.pretrain.optim import param_group_names
 from polymodal.pretrain.runlog import RunLog, memory_gb
 
 log = logging.getLogger("polymodal")
@@ -116,11 +118,14 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
     run_dir = Path(cfg.run_dir)
     precision, stage = resolve_precision_and_stage(cfg, world)
     start = plan_start(cfg, world, stage)
-    check_data_paths(cfg)  # every path is checked before any data is read or any step taken
+    check_paths(cfg)  # every path is checked before any data is read or any step taken
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     objective = build_objective(cfg.objective)  # pretrained files named in its config are read here
     objective.check_run(cfg, stage)  # its own settings and paths (end-of-run evaluation sets)
+    initialised = init_from_export(objective, cfg.init_from) if cfg.init_from else []
+    # The optimizer's parameter order, recorded with checkpoints (export reads ZeRO-0 fp32 masters by it).
+    group_names = [names for names, *_ in param_group_names(objective, cfg.optim.lr_scale)]
     seed = cfg.seed * 1000 + world.rank + 1  # then different randomness per rank (dropout, masking)
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
 
@@ -165,12 +170,13 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
         runlog.write(f"polymodal pretrain: objective {objective.name}, {total / 1e6:.2f} M parameters "
                      f"({trainable / 1e6:.2f} M trainable), {world.world_size} rank(s) on {world.device.type} ({world.launcher}), ZeRO {stage}, "
                      f"{precision}, global batch {cfg.data.batch_size * cfg.grad_accum * world.world_size}"
-                     + (f", resuming from {start.tag}" if start.tag else ""))
+                     + (f", resuming from {start.tag}" if start.tag else "")
+                     + (f", {len(initialised)} tensors from {cfg.init_from}" if initialised else ""))
 
     def save(step: int, kill: bool = False) -> Path:
         meta = {"world_size": world.world_size, "zero_stage": stage, "precision": precision,
                 "objective": cfg.objective, "image_size": cfg.data.image_size, "epoch": loader.epoch,
-                "progress": {"samples": samples_seen, "skipped_steps": skipped_total}}
+                "progress": {"samples": samples_seen, "skipped_steps": skipped_total}, "param_groups": group_names}
         path = checkpoint.save(engine.ds, run_dir, step, world.rank, {"data": loader.state_dict()}, meta,
                                cfg.checkpoint.keep, kill_before_marker=kill)
         if runlog:

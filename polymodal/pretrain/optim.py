@@ -8,24 +8,37 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from polymodal.data.errors import ConfigError
 from polymodal.pretrain.config import OptimConfig
 
 
-def param_group_names(model: nn.Module) -> list[tuple[list[str], bool]]:
-    """The optimizer's groups as (trainable parameter names, weight-decayed?), in the optimizer's order: matrices
-    first, then biases, norm weights, scalars and other 1-D parameters, which get no weight decay (as in CLIP and
-    ViT). Empty groups are left out. Export reads DeepSpeed's fp32 master copies back to names in this order."""
-    decay, no_decay = [], []
+def param_group_names(model: nn.Module, lr_scale: dict[str, float] | None = None
+                      ) -> list[tuple[list[str], bool, float]]:
+    """The optimizer's groups as (trainable parameter names, weight-decayed?, learning-rate multiplier), in the
+    optimizer's order: matrices get weight decay; biases, norm weights, scalars and other 1-D parameters do not
+    (as in CLIP and ViT). `lr_scale` maps parameter-name prefixes to multipliers (the longest matching prefix
+    wins); the default rate's groups come first. Empty groups are left out. Export reads DeepSpeed's ZeRO-0 fp32
+    master copies back to names in this order (the checkpoint records it)."""
+    lr_scale = lr_scale or {}
+    unused = [prefix for prefix in lr_scale if not any(name.startswith(prefix) and p.requires_grad
+                                                       for name, p in model.named_parameters())]
+    if unused:
+        raise ConfigError(f"config key 'optim.lr_scale': {unused[0]!r} is the prefix of no trainable parameter")
+    groups: dict[tuple[float, bool], list[str]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(name)
-    return [(names, decayed) for names, decayed in ((decay, True), (no_decay, False)) if names]
+            prefixes = [p for p in lr_scale if name.startswith(p)]
+            scale = lr_scale[max(prefixes, key=len)] if prefixes else 1.0
+            groups.setdefault((scale, param.ndim >= 2), []).append(name)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
+    return [(groups[key], key[1], key[0]) for key in order]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, lr_scale: dict[str, float] | None = None
+                 ) -> list[dict]:
     params = dict(model.named_parameters())
-    return [{"params": [params[n] for n in names], "weight_decay": weight_decay if decayed else 0.0}
-            for names, decayed in param_group_names(model)]
+    return [{"params": [params[n] for n in names], "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale}
+            for names, decayed, scale in param_group_names(model, lr_scale)]
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -86,7 +99,8 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int):
-    optimizer = GuardedAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    optimizer = GuardedAdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scale), lr=cfg.lr,
+                             betas=tuple(cfg.betas),
                              eps=cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
     return optimizer, scheduler

@@ -64,6 +64,16 @@ class AlignConfig(LossConfig):
                                                                 "num_attention_heads": 4, "intermediate_size": 1024})
     context_length: int = 32
     embed_dim: int = 256
+    # 'linear' (learned), or 'identity': image embeddings are mapped into the text tower's own space (embed_dim
+    # must equal its width), as the linear-map baseline does.
+    text_projection: str = "linear"
+    # Initial temperature (logit scale 1/T); unset: CLIP's 0.07 (SigLIP: 0.1 with a bias).
+    init_temperature: Optional[float] = None
+    # A fully locked tower's features of a sample never change (the image tower's only without augmentation):
+    # keep them in memory, keyed by shard and sample key, and run that tower only the first time a sample is
+    # seen. With both towers cached a step costs the projections alone: the linear-map baseline
+    # (configs/lit-linear.yaml).
+    cache_tower_features: bool = False
     # Use SigLIP's sigmoid loss instead of InfoNCE.
     sigmoid_loss: bool = False
 
@@ -158,14 +168,16 @@ class Contrastive(Objective):
             print("\n".join(lines), flush=True)
         return results
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def embed_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float32 image and text embeddings of a batch."""
         chunk = self.config.feature_cache_chunk
         if chunk:
-            image = cached_encode(self.encode_image, batch["rgb"], chunk, self.model).float()
-            text = cached_encode(self.encode_text, batch["caption"], chunk, self.model).float()
-        else:
-            image = self.encode_image(batch["rgb"]).float()
-            text = self.encode_text(batch["caption"]).float()
+            return (cached_encode(self.encode_image, batch["rgb"], chunk, self.model).float(),
+                    cached_encode(self.encode_text, batch["caption"], chunk, self.model).float())
+        return self.encode_image(batch["rgb"]).float(), self.encode_text(batch["caption"]).float()
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image, text = self.embed_batch(batch)
         scale = self.model.logit_scale.float().clamp(max=math.log(self.config.max_logit_scale)).exp()
         sizes = batch_sizes(len(image), image.device) if self.uneven_batches else None
         if self.siglip:
@@ -213,8 +225,54 @@ class Align(Contrastive):
         self.siglip = config.sigmoid_loss
         model = dual_encoder.build(config.image_tower, config.text_tower, config.pretrained_image,
                                    config.pretrained_text, config.embed_dim, config.context_length,
-                                   config.image_kwargs, config.text_bert, config.sigmoid_loss)
+                                   config.image_kwargs, config.text_bert, config.sigmoid_loss,
+                                   config.text_projection, config.init_temperature)
+        # Per-sample tower features when cache_tower_features (not state: rebuilt after a resume).
+        self._tower_memo: dict[str, dict[str, torch.Tensor]] = {"image": {}, "text": {}}
         return model, model.text.tokenize
 
     def preprocess_cfg(self) -> dict:
         return self.model.preprocess_cfg
+
+    def check_run(self, cfg, zero_stage: int) -> None:
+        super().check_run(cfg, zero_stage)
+        if self.config.cache_tower_features:
+            if not self._cached_sides():
+                raise ConfigError("config key 'objective.cache_tower_features': neither tower is fully locked "
+                                  "(lock_image / lock_text with nothing unlocked), so there is nothing to cache")
+            if "image" in self._cached_sides() and cfg.data.augment:
+                raise ConfigError("config key 'objective.cache_tower_features': the locked image tower's features "
+                                  "would freeze one random crop per sample; set data.augment=false")
+
+    def _cached_sides(self) -> tuple[str, ...]:
+        c = self.config
+        if not c.cache_tower_features:
+            return ()
+        return tuple(side for side, fixed in (("image", c.lock_image and not c.lock_image_unlocked_groups),
+                                              ("text", c.lock_text and not c.lock_text_unlocked_layers)) if fixed)
+
+    def embed_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._cached_sides()
+        if not cached:
+            return super().embed_batch(batch)
+        ids = [f"{url}#{key}" for url, key in zip(batch["__url__"], batch["__key__"])]
+        image = (self._remembered("image", ids, batch["rgb"], self._image_tower) if "image" in cached
+                 else self._image_tower(batch["rgb"]))
+        text = (self._remembered("text", ids, batch["caption"], self.model.text) if "text" in cached
+                else self.model.text(batch["caption"]))
+        dtype = self.model.image_proj.weight.dtype
+        return (torch.nn.functional.normalize(self.model.image_proj(image.to(dtype)), dim=-1).float(),
+                torch.nn.functional.normalize(self.model.text_proj(text.to(dtype)), dim=-1).float())
+
+    def _image_tower(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.model.image(self.normalize_images(rgb))
+
+    @torch.no_grad()
+    def _remembered(self, side: str, ids: list[str], inputs: torch.Tensor, tower) -> torch.Tensor:
+        memo = self._tower_memo[side]
+        missing = [i for i, key in enumerate(ids) if key not in memo]
+        if missing:
+            fresh = tower(inputs[torch.tensor(missing, device=inputs.device)])
+            for i, row in zip(missing, fresh):
+                memo[ids[i]] = row
+        return torch.stack([memo[key] for key in ids])
