@@ -52,6 +52,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     from polymodal.config import load_config
+    from polymodal.data.batch_mix import BatchMix
     from polymodal.data.config import DataConfig
     from polymodal.data.pipeline import ShardLoader
     from polymodal.progress import progress_bar
@@ -68,6 +69,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         loader.load_state_dict(json.loads(Path(args.resume_from).read_text()))
     started = time.perf_counter()
     samples = batches = 0
+    mix = BatchMix()
     bar = progress_bar(unit="sample", desc="stream", disable=args.quiet)
     for epoch in range(args.epochs):
         for batch in loader:
@@ -75,6 +77,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 bar.write("first batch: " + ", ".join(f"{k} {_describe(v)}" for k, v in batch.items()))
             samples += len(batch["__key__"])
             batches += 1
+            mix.add(batch)
             bar.update(len(batch["__key__"]))
             if args.batches and batches >= args.batches:
                 break
@@ -84,6 +87,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     print(f"{samples} samples in {batches} batches, {seconds:.2f} s ({samples / max(seconds, 1e-9):.0f} samples/s), "
           f"{summarize(loader.skip_counts())}")
+    print(f"mixing: {mix.summary()}")
     if args.save_state:
         Path(args.save_state).write_text(json.dumps(loader.state_dict()))
         print(f"position saved to {args.save_state}")

@@ -173,10 +173,14 @@ class DualEncoder(nn.Module):
     would learn on features that evaluation never produces."""
 
     def __init__(self, image: ImageTower, text: TextTower, embed_dim: int, init_logit_scale: float,
-                 init_logit_bias: float | None, text_projection: str = "linear"):
+                 init_logit_bias: float | None, text_projection: str = "linear", image_head: int = 0):
         super().__init__()
         self.image, self.text = image, text
-        self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
+        if image_head:  # a hidden layer between the pooled image features and the embedding
+            self.image_proj = nn.Sequential(nn.Linear(image.width, image_head), nn.GELU(),
+                                            nn.Linear(image_head, embed_dim))
+        else:
+            self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
         if text_projection == "identity":
             if embed_dim != text.width:
                 raise ConfigError(f"config key 'objective.embed_dim': an identity text projection needs the text "
@@ -230,10 +234,10 @@ class DualEncoder(nn.Module):
 
 def build(image_tower: str, text_tower: str, pretrained_image: bool, pretrained_text: bool, embed_dim: int,
           context_length: int, image_kwargs: dict, text_bert: dict, siglip: bool,
-          text_projection: str = "linear", init_temperature: float | None = None) -> DualEncoder:
+          text_projection: str = "linear", init_temperature: float | None = None, image_head: int = 0) -> DualEncoder:
     image = ImageTower(image_tower, pretrained_image, image_kwargs)
     text = TextTower(text_tower, pretrained_text, context_length, text_bert)
     scale, bias = (math.log(10), -10.0) if siglip else (math.log(1 / 0.07), None)
     if init_temperature is not None:
         scale = math.log(1 / init_temperature)
-    return DualEncoder(image, text, embed_dim, scale, bias, text_projection)
+    return DualEncoder(image, text, embed_dim, scale, bias, text_projection, image_head)

@@ -67,6 +67,8 @@ class AlignConfig(LossConfig):
     # 'linear' (learned), or 'identity': image embeddings are mapped into the text tower's own space (embed_dim
     # must equal its width), as the linear-map baseline does.
     text_projection: str = "linear"
+    # Width of a hidden GELU layer between the pooled image features and the embedding (0: one linear map).
+    image_head: int = 0
     # Initial temperature (logit scale 1/T); unset: CLIP's 0.07 (SigLIP: 0.1 with a bias).
     init_temperature: Optional[float] = None
     # A fully locked tower's features of a sample never change (the image tower's only without augmentation):
@@ -226,7 +228,7 @@ class Align(Contrastive):
         model = dual_encoder.build(config.image_tower, config.text_tower, config.pretrained_image,
                                    config.pretrained_text, config.embed_dim, config.context_length,
                                    config.image_kwargs, config.text_bert, config.sigmoid_loss,
-                                   config.text_projection, config.init_temperature)
+                                   config.text_projection, config.init_temperature, config.image_head)
         # Per-sample tower features when cache_tower_features (not state: rebuilt after a resume).
         self._tower_memo: dict[str, dict[str, torch.Tensor]] = {"image": {}, "text": {}}
         return model, model.text.tokenize
@@ -260,7 +262,7 @@ class Align(Contrastive):
                  else self._image_tower(batch["rgb"]))
         text = (self._remembered("text", ids, batch["caption"], self.model.text) if "text" in cached
                 else self.model.text(batch["caption"]))
-        dtype = self.model.image_proj.weight.dtype
+        dtype = next(self.model.image_proj.parameters()).dtype
         return (torch.nn.functional.normalize(self.model.image_proj(image.to(dtype)), dim=-1).float(),
                 torch.nn.functional.normalize(self.model.text_proj(text.to(dtype)), dim=-1).float())
 

@@ -1,0 +1,50 @@
+"""How well a batch mixes its data: the share of distinct captions and the number of sources (shard folders).
+
+A contrastive batch whose captions repeat (64 CIFAR-10 captions over 10 class names) has many false negatives per
+row; shards that each hold one source, read through a small shuffle buffer, give exactly that. `polymodal data
+stream` prints these figures, so a recipe's mixing can be checked before training.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+
+def source_of(url: str) -> str:
+    """The folder a shard lies in (`data/cifar10-pairs/3.tar` -> `data/cifar10-pairs`): one source per folder."""
+    return str(PurePosixPath(url).parent)
+
+
+@dataclass
+class BatchMix:
+    """Running means over the batches seen: distinct captions / batch size, distinct sources per batch, and the
+    share of a batch that its largest source holds."""
+    batches: int = 0
+    distinct_caption_share: float = 0.0
+    sources_per_batch: float = 0.0
+    largest_source_share: float = 0.0
+    sources: set[str] = field(default_factory=set)
+
+    def add(self, batch: dict[str, Any]) -> None:
+        urls = batch.get("__url__") or []
+        captions = batch.get("caption")
+        n = self.batches
+        if isinstance(captions, list) and captions:
+            share = len(set(captions)) / len(captions)
+            self.distinct_caption_share = (self.distinct_caption_share * n + share) / (n + 1)
+        counts = Counter(source_of(u) for u in urls)
+        self.sources |= set(counts)
+        self.sources_per_batch = (self.sources_per_batch * n + len(counts)) / (n + 1)
+        if urls:
+            largest = max(counts.values()) / len(urls)
+            self.largest_source_share = (self.largest_source_share * n + largest) / (n + 1)
+        self.batches = n + 1
+
+    def summary(self) -> str:
+        captions = (f"{100 * self.distinct_caption_share:.0f}% distinct captions per batch, "
+                    if self.distinct_caption_share else "")
+        return (f"{captions}{self.sources_per_batch:.1f} of {len(self.sources)} sources per batch, the largest "
+                f"holding {100 * self.largest_source_share:.0f}% of it")
