@@ -46,7 +46,9 @@ def test_the_recipe_mixes_sources_within_batches(one_source_per_shard):
     recipe = mix(one_source_per_shard, [])
     small_buffer = mix(one_source_per_shard, ["data.shuffle_buffer=500", "data.shuffle_initial=100"])
     # 1,000 samples from each of 3 sources: a perfect mix gives each about a third of a batch. Measured: the
-    # recipe's largest source holds 50% of a batch, a 500-sample buffer's 64%.
-    assert recipe.sources_per_batch >= 2.7 and recipe.largest_source_share < 0.55, recipe
+    # recipe's largest source holds 40% of a batch, a 500-sample buffer's 58%.
+    assert recipe.sources_per_batch >= 2.7 and recipe.largest_source_share < 0.5, recipe
     assert small_buffer.largest_source_share > recipe.largest_source_share + 0.08, (small_buffer, recipe)
-    assert recipe.distinct_caption_share > 0.7
+    # Two of the three sources caption 10 classes with 6 templates, so captions repeat in any batch; a better mix
+    # repeats them less (measured: 55% distinct against 49%).
+    assert recipe.distinct_caption_share > small_buffer.distinct_caption_share + 0.03, (recipe, small_buffer)

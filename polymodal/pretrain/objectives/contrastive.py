@@ -237,7 +237,7 @@ class Align(Contrastive):
         return self.model.preprocess_cfg
 
     def check_run(self, cfg, zero_stage: int) -> None:
-        super().check_run(cfg, zero_stage)
+        # This objective's own settings first: a settings error is cheaper to see than a missing evaluation set.
         if self.config.cache_tower_features:
             if not self._cached_sides():
                 raise ConfigError("config key 'objective.cache_tower_features': neither tower is fully locked "
@@ -245,6 +245,7 @@ class Align(Contrastive):
             if "image" in self._cached_sides() and cfg.data.augment:
                 raise ConfigError("config key 'objective.cache_tower_features': the locked image tower's features "
                                   "would freeze one random crop per sample; set data.augment=false")
+        super().check_run(cfg, zero_stage)
 
     def _cached_sides(self) -> tuple[str, ...]:
         c = self.config
