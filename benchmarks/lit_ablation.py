@@ -181,7 +181,7 @@ def train(args) -> None:
             train_idx = torch.tensor([i for i in range(len(tr["ids"])) if i not in held])
             x_all = torch.cat([tr["multi"], tr["image"]], 1) if kind == "multistage" else tr["image"]
             torch.manual_seed(seed)
-            last = copy.deepcopy(bert.encoder.layer[-1]) if "text_lr" in opts else None
+            last = copy.deepcopy(bert.encoder.layer[-1]).requires_grad_(True) if "text_lr" in opts else None
             head = Head(kind, x_all.shape[1], opts, last, x_all[train_idx], tr["text"][train_idx])
 
             def embed_text(hidden, mask, pooled=None):
