@@ -21,6 +21,7 @@ three learning rates, and (224 px) pooled features of every stage concatenated (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import subprocess
@@ -169,12 +170,13 @@ def _pool_last_layer(layer, hidden, mask):
 def train(args) -> None:
     import copy
     cache = Path(args.cache)
+    load = functools.lru_cache(maxsize=None)(lambda name: torch.load(cache / name))  # each file read once
     rows = []
     bert = _towers().model.text.net
     for seed in args.seeds:
         for name in args.variants or list(VARIANTS):
             size, kind, opts = VARIANTS[name]
-            tr = torch.load(cache / f"train-{size}.pt")
+            tr = load(f"train-{size}.pt")
             emoji = [i for i, x in enumerate(tr["ids"]) if "demo_data" in x]
             val_emoji = torch.tensor(emoji[-VAL_EMOJI:])
             held = set(val_emoji.tolist())
@@ -224,7 +226,7 @@ def train(args) -> None:
                        "emoji_i2t_r1": round(float((sim.argmax(1) == truth).float().mean()), 4),
                        "emoji_t2i_r1": round(float((sim.argmax(0) == truth).float().mean()), 4)}
                 for val in ("cifar", "fmnist"):
-                    d = torch.load(cache / f"{val}-val-{size}.pt")
+                    d = load(f"{val}-val-{size}.pt")
                     used = int(d["mask"].any(0).nonzero().max()) + 1
                     prompts = embed_text(d["hidden"][:, :used], d["mask"][:, :used])
                     classes = F.normalize(prompts.view(d["classes"], d["templates"], -1).mean(1), dim=-1)

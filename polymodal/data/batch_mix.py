@@ -20,28 +20,39 @@ def source_of(url: str) -> str:
 
 @dataclass
 class BatchMix:
-    """Running means over the batches seen: distinct captions / batch size, distinct sources per batch, and the
-    share of a batch that its largest source holds."""
+    """Means over the batches seen: distinct captions / batch size, distinct sources per batch, and the share of a
+    batch that its largest source holds. Kept as sums; the means are derived."""
     batches: int = 0
-    distinct_caption_share: float = 0.0
-    sources_per_batch: float = 0.0
-    largest_source_share: float = 0.0
+    caption_batches: int = 0
+    distinct_caption_sum: float = 0.0
+    sources_sum: int = 0
+    largest_source_sum: float = 0.0
     sources: set[str] = field(default_factory=set)
 
     def add(self, batch: dict[str, Any]) -> None:
         urls = batch.get("__url__") or []
         captions = batch.get("caption")
-        n = self.batches
         if isinstance(captions, list) and captions:
-            share = len(set(captions)) / len(captions)
-            self.distinct_caption_share = (self.distinct_caption_share * n + share) / (n + 1)
+            self.caption_batches += 1
+            self.distinct_caption_sum += len(set(captions)) / len(captions)
         counts = Counter(source_of(u) for u in urls)
         self.sources |= set(counts)
-        self.sources_per_batch = (self.sources_per_batch * n + len(counts)) / (n + 1)
+        self.sources_sum += len(counts)
         if urls:
-            largest = max(counts.values()) / len(urls)
-            self.largest_source_share = (self.largest_source_share * n + largest) / (n + 1)
-        self.batches = n + 1
+            self.largest_source_sum += max(counts.values()) / len(urls)
+        self.batches += 1
+
+    @property
+    def distinct_caption_share(self) -> float:
+        return self.distinct_caption_sum / max(self.caption_batches, 1)
+
+    @property
+    def sources_per_batch(self) -> float:
+        return self.sources_sum / max(self.batches, 1)
+
+    @property
+    def largest_source_share(self) -> float:
+        return self.largest_source_sum / max(self.batches, 1)
 
     def summary(self) -> str:
         captions = (f"{100 * self.distinct_caption_share:.0f}% distinct captions per batch, "
