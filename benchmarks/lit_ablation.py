@@ -15,7 +15,8 @@ Validation data, none of it used to train:
 
 Variants (the issue's suspects): linear map at 128 and 224 px, an MLP head, the least-squares initialisation,
 a learned text projection, the initial temperature, weight decay, twice the steps, MiniLM's last layer trained at
-three learning rates, and (224 px) pooled features of every stage concatenated ("multistage").
+three learning rates; then (224 px) pooled features of every stage concatenated ("multistage"), a wider head with
+dropout, emoji pairs drawn 7x as often as the others ("emoji7"), and all of these together ("recipe224").
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ VARIANTS = {  # name: (image size, head, options)
     "wd0.1-224": (224, "linear", {"wd": 0.1}),
     "600steps224": (224, "linear", {"steps": 600}),
     "multistage-mlp224": (224, "multistage", {}),
+    "multistage-w2048-dropout224": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3)}),
+    "emoji7-linear224": (224, "linear", {"emoji_weight": 7}),
+    "emoji7-multistage224": (224, "multistage", {"emoji_weight": 7}),
+    # configs/align-mixed.yaml: all of the above, twice the steps.
+    "recipe224": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7, "steps": 600}),
     "last-layer-1e-5": (224, "linear", {"text_lr": 1e-5}),
     "last-layer-3e-5": (224, "linear", {"text_lr": 3e-5}),
     "last-layer-1e-4": (224, "linear", {"text_lr": 1e-4}),
@@ -144,7 +150,9 @@ class Head(nn.Module):
     def __init__(self, kind: str, width_in: int, opts: dict, last_layer: nn.Module | None, train_x, train_t):
         super().__init__()
         if kind in ("mlp", "multistage"):
-            self.image = nn.Sequential(nn.Linear(width_in, 1024), nn.GELU(), nn.Linear(1024, 384))
+            width, (p_in, p_hidden) = opts.get("width", 1024), opts.get("dropout", (0.0, 0.0))
+            self.image = nn.Sequential(nn.Dropout(p_in), nn.Linear(width_in, width), nn.GELU(), nn.Dropout(p_hidden),
+                                       nn.Linear(width, 384))
         else:
             self.image = nn.Linear(width_in, 384, bias=False)
         if kind == "lsq":  # ridge least-squares map from image to text features (suspect 4)
@@ -197,12 +205,18 @@ def train(args) -> None:
             groups = [{"params": main, "lr": 1e-3}]
             if last is not None:
                 groups.append({"params": list(last.parameters()), "lr": opts["text_lr"]})
+            # Emoji pairs drawn emoji_weight times as often as the others (data.shard_weights in the recipe).
+            weight = torch.tensor([opts.get("emoji_weight", 1.0) if "demo_data" in tr["ids"][i] else 1.0
+                                   for i in train_idx.tolist()])
             opt = torch.optim.AdamW(groups, weight_decay=opts.get("wd", 0.0), betas=(0.9, 0.98), eps=1e-6)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 10 if s < 10 else
                                                       0.5 * (1 + math.cos(math.pi * (s - 10) / (steps - 10))))
             t0 = time.time()
+            head.image.train()  # dropout (only the image head has any)
             for _ in range(steps):
-                b = torch.unique(train_idx[torch.randint(len(train_idx), (256,))])  # no sample twice in a batch
+                draw = (torch.multinomial(weight, 256, replacement=True) if "emoji_weight" in opts
+                        else torch.randint(len(train_idx), (256,)))
+                b = torch.unique(train_idx[draw])  # no sample twice in a batch
                 mask = tr["mask"][b]
                 used = int(mask.any(0).nonzero().max()) + 1
                 t = embed_text(tr["hidden"][b][:, :used], mask[:, :used], None if last is not None else tr["text"][b])
@@ -215,6 +229,7 @@ def train(args) -> None:
                 opt.step()
                 sched.step()
             seconds = time.time() - t0
+            head.image.eval()
             with torch.no_grad():
                 mask = tr["mask"][val_emoji]
                 used = int(mask.any(0).nonzero().max()) + 1

@@ -29,10 +29,12 @@ def one_source_per_shard(tmp_path_factory, data_root, emoji_shards):
     return [f"{emoji_shards}/{{0..1}}.tar", f"{out}/cifar10-pairs/{{0..3}}.tar", f"{out}/fmnist-pairs/{{0..3}}.tar"]
 
 
-def mix(shards, overrides) -> BatchMix:
-    """The mix of 45 batches after the first 15 (while the buffer fills, batches come from the first shards read)."""
+def mix(shards, overrides, emoji_weight: float | None = None) -> BatchMix:
+    """The mix of 45 batches after the first 15 (while the buffer fills, batches come from the first shards read),
+    with the recipe's data settings; emoji pairs drawn emoji_weight times as often as the others (None: uniform)."""
     cfg = load_pretrain_config(REPO / "configs" / "align-mixed.yaml", overrides)
     cfg.data.shards = shards
+    cfg.data.shard_weights = [emoji_weight, 1, 1] if emoji_weight else []
     loader = iter(ShardLoader(cfg.data, where=Placement(0, 1)))
     measured = BatchMix()
     for i in range(60):
@@ -43,6 +45,7 @@ def mix(shards, overrides) -> BatchMix:
 
 
 def test_the_recipe_mixes_sources_within_batches(one_source_per_shard):
+    """The shuffle buffer, with sources drawn uniformly."""
     recipe = mix(one_source_per_shard, [])
     small_buffer = mix(one_source_per_shard, ["data.shuffle_buffer=500", "data.shuffle_initial=100"])
     # 1,000 samples from each of 3 sources: a perfect mix gives each about a third of a batch. Measured: the
@@ -52,3 +55,13 @@ def test_the_recipe_mixes_sources_within_batches(one_source_per_shard):
     # Two of the three sources caption 10 classes with 6 templates, so captions repeat in any batch; a better mix
     # repeats them less (measured: 55% distinct against 49%).
     assert recipe.distinct_caption_share > small_buffer.distinct_caption_share + 0.03, (recipe, small_buffer)
+
+
+def test_the_recipe_draws_its_emoji_pairs_more_often(one_source_per_shard):
+    """The recipe's data.shard_weights: an emoji pair is drawn 7x as often as a class-captioned one, so with 1,000
+    pairs from each source the emoji hold 7/9 of the samples; every batch still holds all three sources."""
+    weight = load_pretrain_config(REPO / "configs" / "align-mixed.yaml", []).data.shard_weights[0]
+    weighted = mix(one_source_per_shard, [], emoji_weight=weight)
+    emoji = next(share for source, share in weighted.source_shares.items() if "emoji" in source)
+    assert abs(emoji - weight / (weight + 2)) < 0.1, weighted.summary()
+    assert weighted.sources_per_batch >= 2.7, weighted.summary()

@@ -230,3 +230,43 @@ def test_shard_reader_matches_tarfile_whatever_the_header_format(tmp_path, data_
             expected.append((key, photo.read_bytes(), photo.stem.encode()))
     got = [(raw["__key__"], raw["png"], raw["txt"]) for _, raw in iter_shard(str(path), None)]
     assert got == expected
+
+
+def test_shard_weights_set_each_entrys_draw_rate_and_resume_exactly(emoji_shards):
+    """data.shard_weights: one weight per entry of data.shards, each shard of an entry drawn with that weight (the
+    LiT recipe draws its emoji pairs more often than its class-captioned ones)."""
+    from polymodal.data.errors import SkipCounter
+    from polymodal.data.stream import WorkerStream
+
+    shards = [f"{emoji_shards}/0.tar", f"{emoji_shards}/{{1..3}}.tar"]
+
+    def loader(weights, **kw) -> ShardLoader:
+        return ShardLoader(DataConfig(shards=shards, shard_weights=weights, resampled=True, image_size=16,
+                                      num_workers=0, batch_size=100, shuffle_buffer=200, **kw))
+
+    def first_shard_rate(weights) -> float:
+        urls = loader(weights).urls
+        stream = WorkerStream(urls, seed=0, epoch=0, worker=0, total_workers=1, resampled=True, shuffle_shards=True,
+                              buffer_size=0, buffer_initial=0, counter=SkipCounter(),
+                              weights=loader(weights).dataset.weights if weights else None)
+        return sum(stream.shard_at(pos) == urls[0] for pos in range(4000)) / 4000
+
+    assert abs(first_shard_rate([3, 1]) - 0.5) < 0.03  # 3 / (3 + 1 + 1 + 1)
+    assert abs(first_shard_rate([]) - 0.25) < 0.03
+    assert first_shard_rate([0, 1]) == 0.0
+
+    full = [b["__key__"] for _, b in zip(range(8), loader([3, 1]))]
+    first = loader([3, 1])
+    taken = [b["__key__"] for _, b in zip(range(3), first)]
+    rest = loader([3, 1])
+    rest.load_state_dict(first.state_dict())
+    assert taken + [b["__key__"] for _, b in zip(range(5), rest)] == full
+    with pytest.raises(ConfigError, match="shard_weights was"):
+        loader([2, 1]).load_state_dict(first.state_dict())
+
+    with pytest.raises(ConfigError, match="2 weights for 1 entries"):
+        ShardLoader(DataConfig(shards=str(emoji_shards), shard_weights=[1, 2], resampled=True))
+    with pytest.raises(ConfigError, match="not all zero"):
+        loader([0, 0])
+    with pytest.raises(ConfigError, match="resampled=true"):
+        ShardLoader(DataConfig(shards=shards, shard_weights=[3, 1]))

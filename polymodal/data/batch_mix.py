@@ -27,7 +27,7 @@ class BatchMix:
     distinct_caption_sum: float = 0.0
     sources_sum: int = 0
     largest_source_sum: float = 0.0
-    sources: set[str] = field(default_factory=set)
+    samples_per_source: Counter = field(default_factory=Counter)
 
     def add(self, batch: dict[str, Any]) -> None:
         urls = batch.get("__url__") or []
@@ -36,11 +36,21 @@ class BatchMix:
             self.caption_batches += 1
             self.distinct_caption_sum += len(set(captions)) / len(captions)
         counts = Counter(source_of(u) for u in urls)
-        self.sources |= set(counts)
+        self.samples_per_source.update(counts)
         self.sources_sum += len(counts)
         if urls:
             self.largest_source_sum += max(counts.values()) / len(urls)
         self.batches += 1
+
+    @property
+    def sources(self) -> set[str]:
+        return set(self.samples_per_source)
+
+    @property
+    def source_shares(self) -> dict[str, float]:
+        """Each source's share of all samples seen (data.shard_weights sets these in resampled mode)."""
+        total = sum(self.samples_per_source.values())
+        return {source: n / total for source, n in self.samples_per_source.most_common()}
 
     @property
     def distinct_caption_share(self) -> float:
@@ -58,4 +68,5 @@ class BatchMix:
         captions = (f"{100 * self.distinct_caption_share:.0f}% distinct captions per batch, "
                     if self.distinct_caption_share else "")
         return (f"{captions}{self.sources_per_batch:.1f} of {len(self.sources)} sources per batch, the largest "
-                f"holding {100 * self.largest_source_share:.0f}% of it")
+                f"holding {100 * self.largest_source_share:.0f}% of it; samples by source: "
+                + ", ".join(f"{source} {100 * share:.0f}%" for source, share in self.source_shares.items()))

@@ -20,6 +20,9 @@ class DataConfig:
     num_workers: int = 2
     # True: draw shards with replacement forever (no epochs). False: each epoch reads every shard once.
     resampled: bool = False
+    # Resampled mode: one weight per entry of `shards` (a list); each shard of an entry is drawn with that relative
+    # weight, so a sample's rate is its entry's weight (uniform by default; every shard is read whole).
+    shard_weights: list[float] = field(default_factory=list)
     seed: int = 0
     shuffle_shards: bool = True
     # Samples held for shuffling per worker (0: stream order). Yielding starts once it holds shuffle_initial.

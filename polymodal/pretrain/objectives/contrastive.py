@@ -67,8 +67,13 @@ class AlignConfig(LossConfig):
     # 'linear' (learned), or 'identity': image embeddings are mapped into the text tower's own space (embed_dim
     # must equal its width), as the linear-map baseline does.
     text_projection: str = "linear"
+    # 'head': the image tower's pooled last layer; 'stages': every stage's pooled output and that, concatenated.
+    image_pool: str = "head"
     # Width of a hidden GELU layer between the pooled image features and the embedding (0: one linear map).
     image_head: int = 0
+    # Dropout on the pooled image features (before the head) and on the head's hidden layer.
+    image_feature_dropout: float = 0.0
+    image_head_dropout: float = 0.0
     # Initial temperature (logit scale 1/T); unset: CLIP's 0.07 (SigLIP: 0.1 with a bias).
     init_temperature: Optional[float] = None
     # A fully locked tower's features of a sample never change (the image tower's only without augmentation):
@@ -228,7 +233,9 @@ class Align(Contrastive):
         model = dual_encoder.build(config.image_tower, config.text_tower, config.pretrained_image,
                                    config.pretrained_text, config.embed_dim, config.context_length,
                                    config.image_kwargs, config.text_bert, config.sigmoid_loss,
-                                   config.text_projection, config.init_temperature, config.image_head)
+                                   config.text_projection, config.init_temperature, config.image_head,
+                                   image_pool=config.image_pool, feature_dropout=config.image_feature_dropout,
+                                   head_dropout=config.image_head_dropout)
         # Per-sample tower features when cache_tower_features (not state: rebuilt after a resume).
         self._tower_memo: dict[str, dict[str, torch.Tensor]] = {"image": {}, "text": {}}
         return model, model.text.tokenize
@@ -264,7 +271,7 @@ class Align(Contrastive):
         text = (self._remembered("text", ids, batch["caption"], self.model.text) if "text" in cached
                 else self.model.text(batch["caption"]))
         dtype = next(self.model.image_proj.parameters()).dtype
-        return (torch.nn.functional.normalize(self.model.image_proj(image.to(dtype)), dim=-1).float(),
+        return (torch.nn.functional.normalize(self.model.project_image(image.to(dtype)), dim=-1).float(),
                 torch.nn.functional.normalize(self.model.text_proj(text.to(dtype)), dim=-1).float())
 
     def _image_tower(self, rgb: torch.Tensor) -> torch.Tensor:
