@@ -50,12 +50,15 @@ def _towers():
                             "context_length": 32}).eval()
 
 
-def _loader(shards, modalities, size):
+CROP_SCALE = [0.4, 1.0]  # the augmented view: a random-resized crop of at least 40% of the picture, and a flip
+
+
+def _loader(shards, modalities, size, augment=False):
     from polymodal.data.config import DataConfig
     from polymodal.data.pipeline import ShardLoader
     from polymodal.distributed import Placement
     cfg = DataConfig(shards=shards, modalities=modalities, batch_size=128, num_workers=1, shuffle_buffer=0,
-                     shuffle_shards=False, image_size=size, augment=False)
+                     shuffle_shards=False, image_size=size, augment=augment, crop_scale=CROP_SCALE)
     return ShardLoader(cfg, where=Placement(0, 1))
 
 
@@ -68,7 +71,7 @@ def _text_states(obj, tokens):
 
 
 @torch.no_grad()
-def _images(obj, shards, size, modalities=("rgb",)):
+def _images(obj, shards, size, modalities=("rgb",), augment=False):
     """Pooled head features, pooled features of each stage's last block (224 px only, for 'multistage'), keys."""
     net = obj.model.image.net
     widths = [b._project_conv.out_channels for b in net._blocks]
@@ -77,7 +80,7 @@ def _images(obj, shards, size, modalities=("rgb",)):
     hooks = [net._blocks[i].register_forward_hook(lambda m, a, out, i=i: taps.__setitem__(i, out.mean((2, 3))))
              for i in ends]
     pooled, stages, ids, labels, captions = [], [], [], [], []
-    for b in _loader(shards, list(modalities), size):
+    for b in _loader(shards, list(modalities), size, augment):
         pooled.append(obj.model.image(obj.normalize_images(b["rgb"])))
         stages.append(torch.cat([taps[i] for i in ends], 1))
         ids += [f"{u}#{k}" for u, k in zip(b["__url__"], b["__key__"])]
@@ -103,6 +106,12 @@ def features(args) -> None:
     tokenize = obj.tokenizer()
     train_shards = [f"{DEMO}/{{0..2}}.tar.gz", f"{mixed}/imagenet/{{0..3}}.tar", f"{mixed}/cifar10-pairs/{{0..7}}.tar",
                     f"{mixed}/fmnist-pairs/{{0..7}}.tar"]
+    if args.augmented_view:  # one augmented view of every training image at 224 px (the crop-augmentation rows)
+        t0 = time.time()
+        view = _images(obj, train_shards, 224, ("rgb", "caption"), augment=True)
+        torch.save({"image": view["image"], "multi": view["multi"], "ids": view["ids"]}, out / "train-224-aug.pt")
+        print(f"an augmented view of {len(view['ids'])} training images: {time.time() - t0:.0f} s", flush=True)
+        return
     for size in (128, 224):
         t0 = time.time()
         train = _images(obj, train_shards, size, ("rgb", "caption"))
@@ -138,7 +147,10 @@ VARIANTS = {  # name: (image size, head, options)
     "multistage-w2048-dropout224": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3)}),
     "emoji7-linear224": (224, "linear", {"emoji_weight": 7}),
     "emoji7-multistage224": (224, "multistage", {"emoji_weight": 7}),
-    # configs/align-mixed.yaml: all of the above, twice the steps.
+    # configs/align-mixed.yaml: all of the above, twice the steps; then with an augmented view (features --augmented-view)
+    # in place of the plain one for half of each batch's images.
+    "recipe224-crop-aug": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7, "steps": 600,
+                                               "augmented": True}),
     "recipe224": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7, "steps": 600}),
     "last-layer-1e-5": (224, "linear", {"text_lr": 1e-5}),
     "last-layer-3e-5": (224, "linear", {"text_lr": 3e-5}),
@@ -190,6 +202,11 @@ def train(args) -> None:
             held = set(val_emoji.tolist())
             train_idx = torch.tensor([i for i in range(len(tr["ids"])) if i not in held])
             x_all = torch.cat([tr["multi"], tr["image"]], 1) if kind == "multistage" else tr["image"]
+            x_aug = None
+            if opts.get("augmented"):
+                aug = load("train-224-aug.pt")
+                assert aug["ids"] == tr["ids"], "the augmented view lists other samples: rerun features"
+                x_aug = torch.cat([aug["multi"], aug["image"]], 1)
             torch.manual_seed(seed)
             last = copy.deepcopy(bert.encoder.layer[-1]).requires_grad_(True) if "text_lr" in opts else None
             head = Head(kind, x_all.shape[1], opts, last, x_all[train_idx], tr["text"][train_idx])
@@ -220,7 +237,10 @@ def train(args) -> None:
                 mask = tr["mask"][b]
                 used = int(mask.any(0).nonzero().max()) + 1
                 t = embed_text(tr["hidden"][b][:, :used], mask[:, :used], None if last is not None else tr["text"][b])
-                i = F.normalize(head.image(x_all[b]), dim=-1)
+                x = x_all[b]
+                if x_aug is not None:  # each image: its plain or its augmented view, even odds
+                    x = torch.where(torch.rand(len(b), 1) < 0.5, x_aug[b], x)
+                i = F.normalize(head.image(x), dim=-1)
                 logits = head.log_scale.clamp(max=math.log(100)).exp() * i @ t.T
                 y = torch.arange(len(b))
                 loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
@@ -265,6 +285,8 @@ def main() -> None:
     f = sub.add_parser("features", help="build validation splits and cache frozen-tower features (once)")
     f.add_argument("--mixed", default="data-out/mixed", help="recipes/mixed-pairs.sh's output folder")
     f.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    f.add_argument("--augmented-view", action="store_true",
+                   help="instead: one augmented view of every training image at 224 px (for the crop-aug variant)")
     t = sub.add_parser("train", help="train every variant on the cached features, print JSON lines and a table")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     t.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
