@@ -47,7 +47,7 @@ def _towers():
     return build_objective({"name": "align", "image_tower": "efficientnet-lite0", "pretrained_image": True,
                             "text_tower": "all-minilm-l6-v2", "pretrained_text": True, "embed_dim": 384,
                             "text_projection": "identity", "lock_image": True, "lock_text": True,
-                            "context_length": 32}).eval()
+                            "context_length": 32, "image_pool": "stages"}).eval()
 
 
 CROP_SCALE = [0.4, 1.0]  # the augmented view: a random-resized crop of at least 40% of the picture, and a flip
@@ -72,23 +72,17 @@ def _text_states(obj, tokens):
 
 @torch.no_grad()
 def _images(obj, shards, size, modalities=("rgb",), augment=False):
-    """Pooled head features, pooled features of each stage's last block (224 px only, for 'multistage'), keys."""
-    net = obj.model.image.net
-    widths = [b._project_conv.out_channels for b in net._blocks]
-    ends = [i for i in range(len(widths)) if i == len(widths) - 1 or widths[i + 1] != widths[i]]
-    taps: dict[int, torch.Tensor] = {}
-    hooks = [net._blocks[i].register_forward_hook(lambda m, a, out, i=i: taps.__setitem__(i, out.mean((2, 3))))
-             for i in ends]
-    pooled, stages, ids, labels, captions = [], [], [], [], []
+    """Pooled head features, pooled features of each stage (the tower's image_pool='stages' output, split), keys."""
+    tower = obj.model.image
+    stage_width = sum(tower.stage_widths())
+    pooled, ids, labels, captions = [], [], [], []
     for b in _loader(shards, list(modalities), size, augment):
-        pooled.append(obj.model.image(obj.normalize_images(b["rgb"])))
-        stages.append(torch.cat([taps[i] for i in ends], 1))
+        pooled.append(tower(obj.normalize_images(b["rgb"])))
         ids += [f"{u}#{k}" for u, k in zip(b["__url__"], b["__key__"])]
         labels += list(b.get("label", []))
         captions += list(b.get("caption", []))
-    for h in hooks:
-        h.remove()
-    return {"image": torch.cat(pooled), "multi": torch.cat(stages), "ids": ids,
+    pooled = torch.cat(pooled)
+    return {"image": pooled[:, stage_width:], "multi": pooled[:, :stage_width], "ids": ids,
             "label": torch.tensor(labels) if labels else None, "captions": captions}
 
 

@@ -25,7 +25,7 @@ from polymodal import modalities
 from polymodal.data.collate import collate
 from polymodal.data.config import DataConfig
 from polymodal.data.errors import ConfigError, SampleSkipped, SkipCounter, skip_reason, summarize
-from polymodal.data.shardlist import expand_shards, missing_local, weights_per_shard
+from polymodal.data.shardlist import expand_entries, missing_local, weights_per_shard
 from polymodal.data.stream import WorkerStream, augment_rng
 from polymodal.data.tar_samples import RawSample
 from polymodal.data.transforms import ImageTransform
@@ -82,10 +82,11 @@ def _worker_identity(offset: int) -> tuple[int, int]:
 class ShardDataset(IterableDataset):
     """What runs inside each loader worker; configured by ShardLoader before every `iter()`."""
 
-    def __init__(self, cfg: DataConfig, urls: list[str], where: Placement, tokenizer: Tokenizer | None):
+    def __init__(self, cfg: DataConfig, urls: list[str], where: Placement, tokenizer: Tokenizer | None,
+                 weights: list[float] | None = None):
         super().__init__()
         self.cfg, self.urls, self.where = cfg, urls, where
-        self.weights = weights_per_shard(cfg.shards, cfg.shard_weights, cfg.allow_pipe) if cfg.shard_weights else None
+        self.weights = weights  # resampled draw weight per url (None: uniform)
         self.decoder = SampleDecoder(cfg, tokenizer)
         self.epoch = 0
         self.worker_offset = 0
@@ -188,9 +189,11 @@ class ShardLoader:
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, where: Placement | None = None):
         self.cfg = cfg
         self.where = where or placement()
-        self.urls = expand_shards(cfg.shards, allow_pipe=cfg.allow_pipe)
+        entries = expand_entries(cfg.shards, allow_pipe=cfg.allow_pipe)
+        self.urls = [url for entry in entries for url in entry]
         self.num_workers = check_config(cfg, self.urls, self.where)
-        self.dataset = ShardDataset(cfg, self.urls, self.where, tokenizer)
+        weights = weights_per_shard(entries, cfg.shard_weights) if cfg.shard_weights else None
+        self.dataset = ShardDataset(cfg, self.urls, self.where, tokenizer, weights)
         self.epoch = 0
         self._states: dict[int, dict] = {}
         self._next_worker = 0

@@ -73,36 +73,37 @@ def _expand_one(spec: str, allow_pipe: bool) -> list[str]:
     return out
 
 
-def expand_shards(spec: str | Iterable[str], allow_pipe: bool = False) -> list[str]:
-    """All shard URLs of a spec, in order. Raises ConfigError when nothing matches.
+def expand_entries(spec: str | Iterable[str], allow_pipe: bool = False) -> list[list[str]]:
+    """The shard URLs of each entry of a spec (a list's items; a string is one entry), in order. Raises
+    ConfigError when nothing matches.
 
     Local files that are listed but missing stay in the list (they are skipped and counted when read), unless
     none of the listed files exists, which is a configuration error.
     """
-    parts = spec.split("::") if isinstance(spec, str) else [p for s in spec for p in str(s).split("::")]
-    urls: list[str] = []
-    for part in parts:
-        urls.extend(_expand_one(part, allow_pipe))
+    entries = [spec] if isinstance(spec, str) else [str(s) for s in spec]
+    per_entry = [[url for part in entry.split("::") for url in _expand_one(part, allow_pipe)] for entry in entries]
+    urls = [url for entry in per_entry for url in entry]
     if not urls:
         raise ConfigError(f"no shards match {spec!r} (expected .tar files, a folder of them, or a brace pattern)")
     if len(missing_local(urls)) == len(urls):
         raise ConfigError(f"none of the {len(urls)} shards of {spec!r} exists (first: {urls[0]})")
-    return urls
+    return per_entry
 
 
-def weights_per_shard(spec: str | Iterable[str], weights: list[float], allow_pipe: bool = False) -> list[float]:
-    """The draw weight of each shard `expand_shards(spec)` lists: entry i's weight for each of entry i's shards.
-    Raises ConfigError unless there is one non-negative weight per entry of a list spec, not all zero."""
-    entries = [spec] if isinstance(spec, str) else [str(s) for s in spec]
+def expand_shards(spec: str | Iterable[str], allow_pipe: bool = False) -> list[str]:
+    """All shard URLs of a spec, in order (see expand_entries)."""
+    return [url for entry in expand_entries(spec, allow_pipe) for url in entry]
+
+
+def weights_per_shard(entries: list[list[str]], weights: list[float]) -> list[float]:
+    """The draw weight of each shard of `expand_entries`' result: entry i's weight for each of entry i's shards.
+    Raises ConfigError unless there is one non-negative weight per entry, not all zero."""
     if len(weights) != len(entries):
         raise ConfigError(f"data.shard_weights has {len(weights)} weights for {len(entries)} entries of data.shards "
                           "(one weight per entry; list the shards as a list to weight them apart)")
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise ConfigError(f"data.shard_weights must be non-negative and not all zero, got {list(weights)}")
-    per_shard: list[float] = []
-    for entry, weight in zip(entries, weights):
-        per_shard += [float(weight)] * sum(len(_expand_one(p, allow_pipe)) for p in entry.split("::"))
-    return per_shard
+    return [float(weight) for entry, weight in zip(entries, weights) for _ in entry]
 
 
 def missing_local(urls: list[str]) -> list[str]:
