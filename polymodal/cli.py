@@ -15,6 +15,7 @@ log = logging.getLogger("polymodal")
 def build_parser() -> argparse.ArgumentParser:
     from polymodal.data import cli as data_cli
     from polymodal.embed import cli as embed_cli
+    from polymodal import info
     from polymodal.eval import cli as eval_cli
     from polymodal.pretrain import cli as pretrain_cli
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_cli.add_commands(commands)
     eval_cli.add_commands(commands)
     embed_cli.add_commands(commands)
+    info.add_commands(commands)
     return parser
 
 

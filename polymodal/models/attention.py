@@ -41,7 +41,7 @@ SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_AT
                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 BACKENDS = ("auto", "math", "sdpa", *SDPA_KERNELS, "nested", "flex", "xformers", "flash", "varlen")
 INSTALL = {"xformers": "pip install 'polymodal[xformers]' (xformers; its kernels need a CUDA build matching torch's)",
-           "flash": "pip install flash-attn-4 (Hopper GPUs; flash-attn 2 has no wheel in the package registry)"}
+           "flash": "pip install 'polymodal[flash]' (flash-attn-4, Hopper GPUs; flash-attn 2 has no registry wheel)"}
 
 
 class AttentionError(ValueError):
@@ -334,7 +334,9 @@ def _nested(req: _Request, backend: str) -> torch.Tensor:
                              "'sdpa' (or 'auto') for causal packed attention here")
 
     def jagged(x, packing):
-        return torch.nested.nested_tensor_from_jagged(x, offsets=packing.cu_seqlens.long(),
+        # contiguous: with strided views (q, k, v split from one projection) torch 2.14's nested SDPA on CPU asks
+        # the cuDNN checker, which fails without a CUDA driver
+        return torch.nested.nested_tensor_from_jagged(x.contiguous(), offsets=packing.cu_seqlens.long(),
                                                       max_seqlen=max(packing.max_seqlen, 1)).transpose(1, 2)
 
     with warnings.catch_warnings():  # torch's note that nested tensors are a prototype API
@@ -533,7 +535,7 @@ def usable_backends(device: str = "cpu") -> dict[str, str]:
                 except Exception:  # noqa: BLE001 - any failure means no backward here
                     status[name] = "yes (forward only)"
         except Exception as exc:  # noqa: BLE001 - a probe reports whatever went wrong
-            status[name] = "no: " + str(exc).splitlines()[0][:160]
+            status[name] = "no: " + str(exc).splitlines()[0][:300]
     return status
 
 

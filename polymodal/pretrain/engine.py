@@ -155,6 +155,24 @@ def undo_initialisation_step(wrapper, optimizer: torch.optim.Optimizer) -> None:
                 master.copy_(half.float())
 
 
+def model_construction(cfg: PretrainConfig, world: World, objective_cls: type[Objective]):
+    """The context the objective is built in: `deepspeed.zero.Init` at ZeRO-3 for objectives whose models allow it
+    (each parameter is partitioned as soon as its layer is built, so no rank ever holds the whole model), else
+    nothing. Returns (context, partitioned)."""
+    import contextlib
+
+    precision, stage = resolve_precision_and_stage(cfg, world)
+    if stage != 3 or not objective_cls.partitioned_init(cfg.objective):
+        return contextlib.nullcontext(), False
+    if cfg.init_from:
+        raise ConfigError("config key 'init_from': it copies whole tensors into the model before training, which a "
+                          "model built partitioned under ZeRO-3 does not hold; use zero_stage 0-2 for init_from")
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, precision, stage),
+                               remote_device=None, enabled=True), True
+
+
 class Engine:
     """Owns the DeepSpeed engine built around an objective; `step()` runs one optimizer step."""
 

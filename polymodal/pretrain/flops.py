@@ -35,19 +35,23 @@ def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return {k: v[:n] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in batch.items()}
 
 
-def training_flops_per_sample(objective: torch.nn.Module, batch: dict[str, Any], samples: int = 2) -> float:
+def training_flops_per_sample(objective: torch.nn.Module, batch: dict[str, Any], samples: int = 2,
+                              collective: bool = False) -> float:
     """3x the forward FLOPs per sample (forward + backward, the usual MFU convention; recomputation under
     activation checkpointing is not counted). Runs in eval mode with the RNG untouched, so that counting
     changes neither batch-norm statistics nor the training trajectory, and as a world of one (`local_only`): one
     rank counts its own slice on the CPU before the engine exists, and a collective there would wait for ranks
-    that are not calling it, or hand NCCL CPU tensors."""
+    that are not calling it, or hand NCCL CPU tensors. `collective=True` is for a model partitioned under
+    ZeRO-3: every rank calls it at once, inside the engine, and its layers gather their weights."""
+    import contextlib
+
     part = slice_batch(batch, samples)
     n = len(part["__key__"]) if "__key__" in part else samples
     was_training = objective.training
     objective.eval()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), local_only(), \
-                FlopCounterMode(display=False) as counter:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), \
+                (contextlib.nullcontext() if collective else local_only()), FlopCounterMode(display=False) as counter:
             objective(part)
     finally:
         objective.train(was_training)

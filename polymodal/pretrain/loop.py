@@ -11,6 +11,7 @@ import itertools
 import logging
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,15 @@ from polymodal.config import to_yaml
 from polymodal.data.errors import ConfigError
 from polymodal.data.pipeline import ShardLoader
 from polymodal.distributed import Placement
+from polymodal.models.attention import describe_backends, usable_backends
 from polymodal.pretrain import TrainingAborted, checkpoint
 from polymodal.pretrain.config import PretrainConfig, check_paths
 from polymodal.pretrain.distributed import World, init_distributed, patient_barrier, shutdown
-from polymodal.pretrain.engine import Engine, StepResult, resolve_precision_and_stage, to_device
+from polymodal.pretrain.engine import (Engine, StepResult, model_construction, resolve_precision_and_stage,
+                                       to_device)
 from polymodal.pretrain.export import init_from_export
 from polymodal.pretrain.flops import device_peak_flops, training_flops_per_sample
-from polymodal.pretrain.objectives import build_objective
+from polymodal.pretrain.objectives import build_objective, objective_class
 from polymodal.pretrain.optim import param_group_names
 from polymodal.pretrain.runlog import RunLog, memory_gb
 
@@ -116,12 +119,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _train(cfg: PretrainConfig, world: World) -> dict:
     quiet_other_ranks(world)
     run_dir = Path(cfg.run_dir)
+    # The attention backends' probe (a few tiny calls, ~2 s of first-use imports) runs beside the start-up work.
+    probe = threading.Thread(target=usable_backends, args=(str(world.device),), daemon=True)
+    if world.is_main:
+        probe.start()
     precision, stage = resolve_precision_and_stage(cfg, world)
     start = plan_start(cfg, world, stage)
     check_paths(cfg)  # every path is checked before any data is read or any step taken
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    objective = build_objective(cfg.objective)  # pretrained files named in its config are read here
+    construction, partitioned = model_construction(cfg, world, objective_class(cfg.objective.get("name", "")))
+    with construction:
+        objective = build_objective(cfg.objective)  # pretrained files named in its config are read here
     objective.check_run(cfg, stage)  # its own settings and paths (end-of-run evaluation sets)
     initialised = init_from_export(objective, cfg.init_from) if cfg.init_from else []
     # The optimizer's parameter order, recorded with checkpoints (export reads ZeRO-0 fp32 masters by it).
@@ -142,10 +151,14 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
                         next_epoch - 1)
     batches = forever(loader)
     first = next(batches)
-    flops_per_sample = training_flops_per_sample(objective, first)
+    # A partitioned model runs only inside its engine, on every rank at once (its layers gather their weights).
+    flops_per_sample = None if partitioned else training_flops_per_sample(objective, first)
     batches = itertools.chain([first], batches)
 
     engine = Engine(cfg, objective, world, load_universal=start.universal)
+    if partitioned:
+        flops_per_sample = training_flops_per_sample(engine.module, to_device(first, world.device),
+                                                     collective=True)
     peak = cfg.peak_flops or device_peak_flops(world.device, precision)
     if start.tag:
         checkpoint.load(engine.ds, start.path)
@@ -160,9 +173,11 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         runlog = RunLog(run_dir, start.step, cfg.steps, cfg.log.tensorboard, cfg.log.progress)
+        probe.join()
         runlog.event("resume" if start.tag else "start", start.step, world_size=world.world_size,
                      zero_stage=stage, precision=precision, launcher=world.launcher, tag=start.tag,
-                     device=world.device.type)
+                     device=world.device.type, partitioned_init=partitioned,
+                     attention_backends=usable_backends(str(world.device)))
         # Under ZeRO-3 a parameter's own tensor is this rank's empty placeholder; ds_numel is its full size.
         sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in objective.parameters()]
         total = sum(n for n, _ in sizes)
@@ -171,7 +186,9 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
                      f"({trainable / 1e6:.2f} M trainable), {world.world_size} rank(s) on {world.device.type} ({world.launcher}), ZeRO {stage}, "
                      f"{precision}, global batch {cfg.data.batch_size * cfg.grad_accum * world.world_size}"
                      + (f", resuming from {start.tag}" if start.tag else "")
-                     + (f", {len(initialised)} tensors from {cfg.init_from}" if initialised else ""))
+                     + (f", {len(initialised)} tensors from {cfg.init_from}" if initialised else "")
+                     + (", built partitioned (zero.Init)" if partitioned else ""))
+        runlog.write(describe_backends(str(world.device)))
 
     def save(step: int, kill: bool = False) -> Path:
         meta = {"world_size": world.world_size, "zero_stage": stage, "precision": precision,

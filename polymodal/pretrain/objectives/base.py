@@ -48,6 +48,13 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def partitioned_init(cls, section: dict[str, Any]) -> bool:
+        """Whether the model this config section builds may be constructed under `deepspeed.zero.Init` at ZeRO-3
+        (each parameter initialised in its own layer's constructor, then partitioned: the whole model never
+        exists on one rank). Models that initialise weights after construction (timm's ViT) must say no."""
+        return False
+
     def check_run(self, cfg: PretrainConfig, zero_stage: int) -> None:
         """Refuse run settings this objective cannot train with: a ConfigError naming the key. Subclasses that
         override it call this one too."""

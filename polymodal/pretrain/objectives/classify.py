@@ -13,18 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from polymodal.data.errors import ConfigError
+from polymodal.models.vit import VisionTransformer
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+OUR_VIT = "polymodal-vit"
 
 
 @register("classify")
 class Classify(Objective):
     @dataclass
     class Config:
-        # Any timm model name (timm.list_models()); built without downloading weights.
+        # Any timm model name (timm.list_models()), built without downloading weights, or "polymodal-vit": our
+        # ViT on polymodal/models/transformer.py (model_kwargs: img_size, patch_size, embed_dim, depth, num_heads,
+        # mlp, qk_norm, layer_scale, attention_backend...), built partitioned under ZeRO-3.
         model: str = "resnet18"
         num_classes: int = 10
         model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -34,13 +38,24 @@ class Classify(Objective):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        if config.model not in timm.list_models():
-            raise ConfigError(f"config key 'objective.model': {config.model!r} is not a timm model name")
-        self.model = timm.create_model(config.model, pretrained=False, num_classes=config.num_classes,
-                                       **config.model_kwargs)
+        if config.model == OUR_VIT:
+            try:
+                self.model = VisionTransformer(num_classes=config.num_classes, **config.model_kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config key 'objective.model_kwargs': {exc}") from None
+        elif config.model in timm.list_models():
+            self.model = timm.create_model(config.model, pretrained=False, num_classes=config.num_classes,
+                                           **config.model_kwargs)
+        else:
+            raise ConfigError(f"config key 'objective.model': {config.model!r} is neither a timm model name nor "
+                              f"{OUR_VIT!r}")
         # Buffers, so they move with the module and stay out of the optimizer.
         self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    @classmethod
+    def partitioned_init(cls, section: dict[str, Any]) -> bool:
+        return section.get("model") == OUR_VIT
 
     def eval_encoder(self, name: str):
         from polymodal.eval.encoders import image_features_encoder

@@ -1,0 +1,58 @@
+"""`polymodal info`: versions, devices and the attention backends that actually run here (probed, not assumed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+PACKAGES = ("polymodal", "torch", "deepspeed", "open_clip_torch", "timm", "transformers", "webdataset", "xformers",
+            "flash-attn", "flash-attn-4")
+
+
+def collect() -> dict:
+    import torch
+
+    from polymodal.models.attention import usable_backends
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return {
+        "python": platform.python_version(),
+        "packages": {name: installed(name) for name in PACKAGES},
+        "torch_cuda": torch.version.cuda,
+        "devices": {d: (torch.cuda.get_device_name(d) if d != "cpu" else platform.processor() or platform.machine())
+                    for d in devices},
+        "attention": {d: usable_backends(d) for d in devices},
+    }
+
+
+def show(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"python {info['python']}, torch built for CUDA {info['torch_cuda'] or '-'}")
+    for name, ver in info["packages"].items():
+        print(f"  {name:16} {ver or 'not installed'}")
+    for device, name in info["devices"].items():
+        print(f"{device} ({name}): attention backends")
+        for backend, status in info["attention"][device].items():
+            print(f"  {backend:15} {status}")
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "info", help="versions, devices and usable attention backends",
+        description="Print package versions, the devices torch sees, and for each device which attention backends "
+                    "run (each is probed with a tiny real call checked against the float64 reference; 'forward "
+                    "only' backends cannot train there).")
+    parser.add_argument("--json", action="store_true", help="print it as JSON")
+    parser.set_defaults(func=show)
