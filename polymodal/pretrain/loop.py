@@ -11,7 +11,6 @@ import itertools
 import logging
 import random
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +118,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _train(cfg: PretrainConfig, world: World) -> dict:
     quiet_other_ranks(world)
     run_dir = Path(cfg.run_dir)
-    # The attention backends' probe (a few tiny calls, ~2 s of first-use imports) runs beside the start-up work.
-    probe = threading.Thread(target=usable_backends, args=(str(world.device),), daemon=True)
-    if world.is_main:
-        probe.start()
     precision, stage = resolve_precision_and_stage(cfg, world)
     start = plan_start(cfg, world, stage)
     check_paths(cfg)  # every path is checked before any data is read or any step taken
@@ -173,11 +168,10 @@ def _train(cfg: PretrainConfig, world: World) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         runlog = RunLog(run_dir, start.step, cfg.steps, cfg.log.tensorboard, cfg.log.progress)
-        probe.join()
         runlog.event("resume" if start.tag else "start", start.step, world_size=world.world_size,
                      zero_stage=stage, precision=precision, launcher=world.launcher, tag=start.tag,
                      device=world.device.type, partitioned_init=partitioned,
-                     attention_backends=usable_backends(str(world.device)))
+                     attention_backends=usable_backends(str(world.device)))  # probed: ~1 s of tiny calls
         # Under ZeRO-3 a parameter's own tensor is this rank's empty placeholder; ds_numel is its full size.
         sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in objective.parameters()]
         total = sum(n for n, _ in sizes)
