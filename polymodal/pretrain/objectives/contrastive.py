@@ -14,6 +14,8 @@ import torch
 
 from polymodal.data.errors import ConfigError
 from polymodal.models import open_clip_towers
+from polymodal.models.attention import BACKENDS
+from polymodal.models.open_clip_attention import use_our_attention
 from polymodal.pretrain.export import consolidated_state_dict, register_export
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
@@ -48,6 +50,9 @@ class ContrastiveConfig(LossConfig):
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # FLIP: drop this fraction of image patches in training (ViT towers).
     patch_dropout: float = 0.0
+    # Run both towers' attention on polymodal/models/attention.py with this backend (auto, sdpa, nested, flex,
+    # xformers, flash, math...) instead of open_clip's nn.MultiheadAttention; the weights keep their names.
+    attention_backend: Optional[str] = None
 
 
 @dataclass
@@ -113,6 +118,13 @@ class Contrastive(Objective):
             kwargs.setdefault("init_logit_scale", math.log(10))
             kwargs.setdefault("init_logit_bias", -10.0)
         model = open_clip_towers.create(config.model, config.pretrained, config.patch_dropout, **kwargs)
+        if config.attention_backend is not None:
+            if config.attention_backend not in BACKENDS:
+                raise ConfigError(f"config key 'objective.attention_backend': unknown backend "
+                                  f"{config.attention_backend!r}; choose one of {', '.join(BACKENDS)}")
+            if not use_our_attention(model, config.attention_backend):
+                raise ConfigError(f"config key 'objective.attention_backend': open_clip model {config.model!r} has "
+                                  "no nn.MultiheadAttention to replace")
         return model, open_clip_towers.tokenizer(config.model)
 
     def tokenizer(self):
