@@ -2,9 +2,9 @@
 # The GPU check: on a bare machine with one CUDA GPU (an H100 or H200) whose Python has torch, timm, transformers and
 # accelerate but none of our other dependencies, and no package index, install the rest from wheels/ (made by
 # benchmarks/gpu_wheels.sh and carried along with the repository), then run every test marked `gpu` and the GPU
-# paths of four benchmarks, each under its own time limit and all within --budget seconds (default 460: the
+# paths of five benchmarks, each under its own time limit and all within --budget seconds (default 460: the
 # whole script ends within 8 minutes). Each benchmark's JSON and gpu_check_summary.json (each part's command, exit
-# code, seconds and headline figures) go to OUT_DIR, with gpu_check.log (every part's output): 6 files.
+# code, seconds and headline figures) go to OUT_DIR, with gpu_check.log (every part's output): 7 files.
 #
 #   bash benchmarks/gpu_check.sh [OPTIONS] [OUT_DIR]     # OUT_DIR: default $OUT where set, else gpu-check-out
 #   bash benchmarks/gpu_check.sh --dry-run               # resolve the wheel list, print the commands; run nothing
@@ -16,7 +16,7 @@
 #                      repository where it holds them, else wheels/data, where gpu_wheels.sh puts a copy)
 #   --budget SECONDS   all the parts together, setup included (default: 460); a part gets at most what is left
 #   --only "P ..."     run only these parts (setup always runs): pytest_gpu engine_overhead spark_step eval_speed
-#                      clip_step
+#                      attention clip_step
 #   --python PY        the interpreter with torch (default: $PYTHON, else python3)
 #
 # It stops at once, with one line and a non-zero exit, before installing anything, when that Python cannot import
@@ -31,7 +31,7 @@ WHEELS=wheels
 DATA_ROOT=
 BUDGET=460
 DRY=0
-ONLY="pytest_gpu engine_overhead spark_step eval_speed clip_step"
+ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step"
 OUT_DIR=${OUT:-gpu-check-out}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -109,6 +109,7 @@ PARTS=(
   "engine_overhead|120|engine_overhead.json|$QPY benchmarks/engine_overhead.py --model resnet50 --image-size 224 --batch-size 128 --batches 16 --steps 10 --repeats 4 --warmup 3 --data-root $QDATA --shards $WORKQ/cifar10-test-shards --out OUTDIR/engine_overhead.json"
   "spark_step|120|spark_step.json|$QPY benchmarks/spark_step.py --device cuda --model resnet50 --image-size 224 --batch-size 64 --steps 20 --warmup 3 --rounds 2 --max-wait 0 --data-root $QDATA --shards-dir $WORKQ/cifar10-train2048 --out OUTDIR/spark_step.json"
   "eval_speed|180|eval_speed.json|$QPY benchmarks/eval_speed.py --device cuda --precision bf16 --model open_clip:ViT-B-32 --test-limit 5000 --train-limit 5000 --rounds 1 --workers 8 --max-wait 0 --data-root $QDATA --shards-dir $WORKQ/cifar10-eval --work-dir $WORKQ/eval-speed --out OUTDIR/eval_speed.json"
+  "attention|100|attention.json|$QPY benchmarks/attention.py --device cuda --dtype bf16 --max-wait 0 --timeout 60 --out OUTDIR/attention.json"
   "clip_step|200|clip_step.json|$QPY benchmarks/clip_step.py --data emoji --workers 4 --steps 8 --warmup 4 --rounds 1 --retries 0 --max-wait 0 --peer-webdataset $PEER_WDS --work-dir $WORKQ/clip-step --out OUTDIR/clip_step.json"
 )
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$WORK/torch_extensions

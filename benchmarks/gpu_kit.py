@@ -143,6 +143,12 @@ def _headline(name: str, report: dict) -> dict:
                 "gpu_goal_met": res.get("gpu_goal_met")} | {
             f"{t}_{k}": trainers.get(t, {}).get(k) for t in ("ours", "open_clip")
             for k in ("samples_per_s", "mfu", "data_wait_median")}
+    if name == "attention":
+        return {case: {k: v for k, v in entry.items() if k.startswith(("speedup_vs_ml4m", "memory_ratio_ml4m", "best",
+                                                                        "share_of_datasheet"))}
+                | {"ours_backend": next((r.get("backend") for r in entry.get("rows", [])
+                                         if r.get("method") == "ours-auto"), None)}
+                for case, entry in report.get("cases", {}).items()}
     return {}
 
 
