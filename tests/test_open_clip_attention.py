@@ -68,3 +68,31 @@ def test_the_text_towers_additive_causal_mask_becomes_causal_attention(monkeypat
     with torch.no_grad():
         ours.model.encode_text(torch.stack([ours.tokenizer()(t) for t in ("a red apple", "hash key")]))
     assert calls and all(causal is True and mask is None for causal, mask in calls)
+
+
+def test_per_sample_patch_dropout_runs_packed_and_equals_each_sample_alone(emoji_batch):
+    torch.manual_seed(0)
+    stock = build_objective({"name": "clip", "model": "polymodal-tiny-vit"})
+    ours = build_objective({"name": "clip", "model": "polymodal-tiny-vit", "attention_backend": "auto",
+                            "patch_dropout": 0.5, "patch_dropout_per_sample": True})
+    ours.load_state_dict(stock.state_dict())
+    images = ours.normalize_images(emoji_batch["rgb"])
+    ours.train()
+    torch.manual_seed(3)
+    packed = ours.model.visual(images)
+    keep = ours.model.visual.patch_dropout.last_keep
+    assert keep[:, 0].all() and len(set(keep.sum(1).tolist())) > 3  # samples kept different counts
+    visual = stock.model.visual.eval()  # the stock tower, no dropout, each sample's kept tokens alone
+    with torch.no_grad():
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(len(x), 1, -1), x], 1) + visual.positional_embedding
+        for i in range(len(x)):
+            alone = visual.transformer(visual.ln_pre(x[i:i + 1, keep[i]]))
+            pooled, _ = visual._pool(alone)
+            torch.testing.assert_close(packed[i], (pooled @ visual.proj)[0], atol=2e-5, rtol=1e-4)
+    ours.eval()
+    with torch.no_grad():  # evaluation keeps every patch, padded as usual
+        torch.testing.assert_close(ours.model.visual(images), visual(images), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="patch_dropout_per_sample.*needs attention_backend"):
+        build_objective({"name": "clip", "model": "polymodal-tiny-vit", "patch_dropout": 0.5,
+                         "patch_dropout_per_sample": True})

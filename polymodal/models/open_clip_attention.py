@@ -3,6 +3,11 @@
 same parameters under the same names (`in_proj_weight`, `in_proj_bias`, `out_proj`), so checkpoints load and
 export exactly as before, and runs `polymodal.models.attention.attention` with the chosen backend. open_clip's
 additive causal text mask becomes `causal=True` (no L x L mask in memory).
+
+`use_packed_patch_dropout(visual, prob)` then makes FLIP's patch dropout keep each patch with probability 1 - prob,
+so samples keep different numbers of patches, and runs the kept tokens packed (no padding to a common count):
+the dropout packs the batch into one row and records its Packing, the tower's attention layers read it, and the
+transformer's output is unpacked (each sample's class token first) for open_clip's pooling.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.models.attention import BACKENDS, attention
+from polymodal.models.attention import BACKENDS, Packing, attention
 
 
 class MultiheadAttention(nn.Module):
@@ -23,6 +28,7 @@ class MultiheadAttention(nn.Module):
         super().__init__()
         self.embed_dim, self.num_heads, self.batch_first, self.dropout = embed_dim, num_heads, batch_first, dropout
         self.backend = backend
+        self.packed: PackedTokens | None = None  # set by use_packed_patch_dropout for the image tower
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -45,6 +51,13 @@ class MultiheadAttention(nn.Module):
         else:
             ws, bs = w.chunk(3), (b.chunk(3) if b is not None else (None,) * 3)
             q, k, v = (F.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), ws, bs))
+        if self.packed is not None and self.packed.packing is not None:  # [1, T, C]: the batch, packed
+            cu, longest = self.packed.packing.cu_seqlens.to(q.device), self.packed.packing.max_seqlen
+            q, k, v = (x[0].unflatten(-1, (self.num_heads, -1)) for x in (q, k, v))
+            out = attention(q, k, v, cu_seqlens_q=cu, max_seqlen_q=longest,
+                            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+            out = self.out_proj(out.flatten(1))[None]
+            return (out if self.batch_first else out.transpose(0, 1)), None
         heads = lambda x: x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
         mask, causal = _mask(attn_mask, key_padding_mask, q.shape[0], self.num_heads, q.shape[1], k.shape[1],
                              q.dtype)
@@ -92,3 +105,56 @@ def use_our_attention(model: nn.Module, backend: str = "auto") -> int:
                 setattr(parent, name, MultiheadAttention.replacing(child, backend))
                 swapped += 1
     return swapped
+
+
+class PackedTokens:
+    """The Packing of the image tower's current batch (None: a normal padded batch), shared by its layers."""
+
+    packing: Packing | None = None
+
+
+class PackedPatchDropout(nn.Module):
+    """FLIP patch dropout with a per-sample count: each patch is kept with probability 1 - prob (at least one per
+    sample), the class token always; in training the kept tokens leave packed as one row [1, T, C]."""
+
+    def __init__(self, prob: float, packed: PackedTokens):
+        super().__init__()
+        if not 0.0 < prob < 1.0:
+            raise ValueError(f"patch dropout must be in (0, 1) (got {prob})")
+        self.prob, self.packed = prob, packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.packed.packing = None
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], x.shape[1] - 1, device=x.device) >= self.prob
+        keep[torch.arange(len(keep), device=x.device), torch.randint(0, keep.shape[1], (len(keep),),
+                                                                     device=x.device)] = True  # >= 1 patch
+        keep = torch.cat([torch.ones_like(keep[:, :1]), keep], 1)
+        self.last_keep = keep  # which tokens each sample kept (for tests and pictures)
+        self.packed.packing = Packing.from_lengths(keep.sum(1).cpu())
+        return x[keep][None]
+
+
+def _unpack(module, inputs, output: torch.Tensor, packed: PackedTokens) -> torch.Tensor:
+    """The visual transformer's forward hook: a packed [1, T, C] output back to [B, L, C], class token first."""
+    if packed.packing is None:
+        return output
+    p = packed.packing
+    out = output.new_zeros(len(p.lengths), p.max_seqlen, output.shape[-1])
+    return out.index_put((p.sequence_ids().to(output.device), p.positions().to(output.device)), output[0])
+
+
+def use_packed_patch_dropout(visual: nn.Module, prob: float) -> None:
+    """Give an open_clip VisionTransformer whose attention is ours a per-sample, packed patch dropout."""
+    if getattr(visual, "pool_type", None) != "tok" or getattr(visual, "attn_pool", None) is not None:
+        raise ValueError("per-sample patch dropout needs an open_clip ViT pooled by its class token (pool_type "
+                         "'tok', no attentional pooler)")
+    layers = [m for m in visual.modules() if isinstance(m, MultiheadAttention)]
+    if not layers:
+        raise ValueError("per-sample patch dropout needs our attention in the image tower (attention_backend)")
+    packed = PackedTokens()
+    for layer in layers:
+        layer.packed = packed
+    visual.patch_dropout = PackedPatchDropout(prob, packed)
+    visual.transformer.register_forward_hook(lambda m, i, o: _unpack(m, i, o, packed))

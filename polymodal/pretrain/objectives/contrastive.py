@@ -15,7 +15,7 @@ import torch
 from polymodal.data.errors import ConfigError
 from polymodal.models import open_clip_towers
 from polymodal.models.attention import BACKENDS
-from polymodal.models.open_clip_attention import use_our_attention
+from polymodal.models.open_clip_attention import use_our_attention, use_packed_patch_dropout
 from polymodal.pretrain.export import consolidated_state_dict, register_export
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
@@ -53,6 +53,9 @@ class ContrastiveConfig(LossConfig):
     # Run both towers' attention on polymodal/models/attention.py with this backend (auto, sdpa, nested, flex,
     # xformers, flash, math...) instead of open_clip's nn.MultiheadAttention; the weights keep their names.
     attention_backend: Optional[str] = None
+    # With attention_backend: FLIP's dropout keeps each patch with probability 1 - patch_dropout, so samples keep
+    # different counts, and the kept tokens run packed (open_clip keeps one fixed count per batch).
+    patch_dropout_per_sample: bool = False
 
 
 @dataclass
@@ -117,7 +120,12 @@ class Contrastive(Objective):
         if self.siglip:
             kwargs.setdefault("init_logit_scale", math.log(10))
             kwargs.setdefault("init_logit_bias", -10.0)
-        model = open_clip_towers.create(config.model, config.pretrained, config.patch_dropout, **kwargs)
+        per_sample = config.patch_dropout_per_sample
+        if per_sample and (config.attention_backend is None or not config.patch_dropout):
+            raise ConfigError("config key 'objective.patch_dropout_per_sample': needs attention_backend (our "
+                              "attention runs the packed tokens) and patch_dropout > 0")
+        model = open_clip_towers.create(config.model, config.pretrained, 0.0 if per_sample else config.patch_dropout,
+                                        **kwargs)
         if config.attention_backend is not None:
             if config.attention_backend not in BACKENDS:
                 raise ConfigError(f"config key 'objective.attention_backend': unknown backend "
@@ -125,6 +133,11 @@ class Contrastive(Objective):
             if not use_our_attention(model, config.attention_backend):
                 raise ConfigError(f"config key 'objective.attention_backend': open_clip model {config.model!r} has "
                                   "no nn.MultiheadAttention to replace")
+        if per_sample:
+            try:
+                use_packed_patch_dropout(model.visual, config.patch_dropout)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'objective.patch_dropout_per_sample': {exc}") from None
         return model, open_clip_towers.tokenizer(config.model)
 
     def tokenizer(self):
