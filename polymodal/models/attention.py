@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from polymodal.data.errors import ConfigError
+
 log = logging.getLogger("polymodal")
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
@@ -46,8 +48,9 @@ INSTALL = {"xformers": "pip install 'polymodal[xformers]' (xformers; its kernels
            "flash": "pip install 'polymodal[flash]' (flash-attn-4, Hopper GPUs; flash-attn 2 has no registry wheel)"}
 
 
-class AttentionError(ValueError):
-    """Bad input to `attention`, or a backend that cannot run the request (never a silent fallback)."""
+class AttentionError(ConfigError):
+    """Bad input to `attention`, or a backend that cannot run the request (never a silent fallback). A ValueError;
+    the CLI prints it as one line, like any configuration mistake (a forced backend usually comes from a config)."""
 
 
 @dataclass(frozen=True)
