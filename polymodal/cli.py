@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from polymodal import info
     from polymodal.eval import cli as eval_cli
     from polymodal.pretrain import cli as pretrain_cli
+    from polymodal.tokenizers import cli as tokenizer_cli
 
     parser = argparse.ArgumentParser(
         prog="polymodal", description="Pretrain and evaluate multimodal foundation models on WebDataset shards.")
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_cli.add_commands(commands)
     eval_cli.add_commands(commands)
     embed_cli.add_commands(commands)
+    tokenizer_cli.add_commands(commands)
     info.add_commands(commands)
     return parser
 
