@@ -79,3 +79,17 @@ def test_train_text_command_writes_the_vocabulary_and_its_held_out_figures(tmp_p
                                             str(tmp_path / "x")], cwd=REPO, env=subprocess_env(),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs --field" in bad.stderr
+
+
+def test_open_clips_bpe_through_the_same_interface(captions):
+    import open_clip
+
+    from polymodal.tokenizers.text import OpenClipBPE
+
+    bpe = OpenClipBPE()
+    stock = open_clip.get_tokenizer("ViT-B-32")
+    for text in captions[1][:20]:
+        ids = bpe.encode(text)
+        assert ids.tolist() == stock([text])[0][: len(ids)].tolist()  # open_clip's ids, without the padding
+        assert bpe.decode(ids) == bpe.decode(stock([text])[0])
+    assert bpe.vocab_size == 49408 and bpe.fingerprint == OpenClipBPE().fingerprint

@@ -187,3 +187,40 @@ def parse_metadata(text: str, spec: dict[str, tuple[float, float]], bins: int = 
         name = names[int(key.removeprefix("v1="))]
         out[name] = bin_centre(int(value.removeprefix("v0=")), *spec[name], bins)
     return out
+
+
+class OpenClipBPE(Tokenizer):
+    """open_clip's byte-level BPE (CLIP's 49,408-token vocabulary) through the same interface: ids without the
+    fixed-length padding open_clip's tokenizer adds, start and end tokens kept."""
+
+    name = "open_clip_bpe"
+
+    def __init__(self, model: str = "ViT-B-32"):
+        import open_clip
+
+        self.model = model
+        self.bpe = open_clip.get_tokenizer(model)
+        if not hasattr(self.bpe, "encode"):
+            raise ConfigError(f"open_clip model {model!r} uses a Hugging Face tokenizer, not open_clip's BPE")
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.bpe.sot_token_id, *self.bpe.encode(text), self.bpe.eot_token_id], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) not in (self.bpe.sot_token_id, self.bpe.eot_token_id, 0)]
+        return self.bpe.decode(ids).strip()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bpe.vocab_size
+
+    def grid(self, size: int) -> None:
+        return None
+
+    def tokenizer_config(self) -> dict:
+        return {"model": self.model, "vocab_size": self.vocab_size}
+
+    @property
+    def fingerprint(self) -> str:
+        ranks = json.dumps(sorted((" ".join(pair), rank) for pair, rank in self.bpe.bpe_ranks.items()))
+        return f"{self.name}:{self.vocab_size}:{hashlib.sha256(ranks.encode()).hexdigest()[:16]}"
