@@ -70,13 +70,21 @@ class Packing:
         return self.cu_seqlens.diff()
 
     def sequence_ids(self) -> torch.Tensor:
-        """Each token's sequence index."""
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.cu_seqlens.device),
-                                       self.lengths.long(), output_size=int(self.cu_seqlens[-1]))
+        """Each token's sequence index (computed once per packing: padding q, k, v and unpadding all use it)."""
+        return self._sequence_ids
 
     def positions(self) -> torch.Tensor:
         """Each token's position inside its own sequence."""
-        ids = self.sequence_ids()
+        return self._positions
+
+    @functools.cached_property
+    def _sequence_ids(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.cu_seqlens.device),
+                                       self.lengths.long(), output_size=int(self.cu_seqlens[-1]))
+
+    @functools.cached_property
+    def _positions(self) -> torch.Tensor:
+        ids = self._sequence_ids
         return torch.arange(len(ids), device=ids.device) - self.cu_seqlens[:-1].long()[ids]
 
 
