@@ -210,6 +210,9 @@ class Modality:
     interpolation: InterpolationMode = InterpolationMode.BICUBIC
     to_tensor: Callable[[Any], Any] | None = None
     channel_dim: bool = True
+    # Token ids written by `polymodal data tokenize`: checked against their set's vocabulary and grid when read,
+    # and one stored crop is picked per sample (see polymodal.data.token_data).
+    tokens: bool = False
 
     def find(self, sample: dict) -> str | None:
         """The member extension in `sample` that holds this modality, or None."""
@@ -230,10 +233,23 @@ def register(modality: Modality) -> Modality:
 
 
 def get(name: str) -> Modality:
+    if name not in _REGISTRY and name.startswith(TOKEN_PREFIX) and len(name) > len(TOKEN_PREFIX):
+        return register(token_modality(name))
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown modality {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise ConfigError(f"unknown modality {name!r}; known: {', '.join(sorted(_REGISTRY))}, and tok_<name> "
+                          "for token ids") from None
+
+
+TOKEN_PREFIX = "tok_"
+
+
+def token_modality(name: str) -> Modality:
+    """`tok_<modality>`: the token ids of a modality, a uint16 (or int32) .npy of [crops, h, w] for image-like
+    modalities and [length] for sequences. Every tok_ name is known; they are registered when first asked for."""
+    return Modality(name, (f"{name}.npy",), decode_npy, f"token ids of {name[len(TOKEN_PREFIX):]} (.npy, uint16 or "
+                    "int32) -> int64 [h,w] (one stored crop) or [length]", tokens=True)
 
 
 def names() -> list[str]:
@@ -256,3 +272,35 @@ for _name, _what, _interpolation, _tensor in (
                       channel_dim=_name != "semseg"))
 register(Modality("array", ("npy",), decode_npy, "any numeric .npy array (never unpickled) -> tensor",
                   to_tensor=torch.from_numpy))
+register(Modality("crops", ("crops.npy",), decode_npy, "the crop boxes stored with token ids (x0, y0, x1, y1 in [0, 1], "
+                  "flipped) -> float32 [5] (the crop picked)"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Derived modalities: what `polymodal data derive` writes (polymodal/data/derive_shards.py), each in its own shard
+# set joined by key. "edges" is registered above (its set holds edges.png, Canny edges as 0/255).
+# Maps at the image's resolution share its crop and flip; HOG and EfficientNet feature maps do not (a flip would
+# have to mirror HOG's orientation bins, and their cells are coarser than a pixel): they are targets of the image
+# as stored. Box text is in coordinates of the image as stored, too.
+
+
+def float_map_tensor(array: np.ndarray) -> torch.Tensor:
+    """A stored float16/float32 map [C, h, w] -> float32 tensor."""
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+register(Modality("grey", ("grey.png",), decode_dense, "luminance (ITU-R 601), 8-bit PNG -> uint8 [1,H,W]",
+                  geometry=True, interpolation=InterpolationMode.BILINEAR, to_tensor=map_tensor))
+for _name, _what in (("clusters", "k-means colour clusters in Lab per image (0 = largest), 8-bit PNG"),
+                     ("fgmask", "class-painted foreground (Otsu; class id + 1, background 0), 8/16-bit PNG")):
+    register(Modality(_name, (f"{_name}.png",), decode_dense, f"{_what} -> int64 [H,W]", geometry=True,
+                      interpolation=InterpolationMode.NEAREST_EXACT, to_tensor=label_map_tensor, channel_dim=False))
+register(Modality("hog", ("hog.npy",), decode_npy, "HOG cells (MaskFeat target), float16 .npy [bins,H/cell,W/cell] "
+                  "-> float32 (not cropped)", to_tensor=float_map_tensor))
+register(Modality("effnet_map", ("effnet_map.npy",), decode_npy, "EfficientNet-Lite0 stride-16 features, float16 "
+                  ".npy [112,S/16,S/16] -> float32 (not cropped)", to_tensor=float_map_tensor))
+for _name, _what in (("box", "foreground box 'v0=x0 v0=y0 v0=x1 v0=y1 <class>' (edges binned 0..255)"),
+                     ("palette", "k-means Lab palette 'v1=k v0=R v0=G v0=B ...'"),
+                     ("metadata", "binned image metadata 'v1=<key> v0=<bin> ...'"),
+                     ("effnet_caption", "caption from EfficientNet-Lite0's top-2 ImageNet classes")):
+    register(Modality(_name, (f"{_name}.txt",), decode_text, f"{_what}, text -> str (or token ids)"))

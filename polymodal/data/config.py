@@ -12,6 +12,9 @@ from polymodal.modalities import DEFAULT_MAX_IMAGE_PIXELS
 class DataConfig:
     # Shard spec: brace pattern, glob, folder, fsspec URL, '::'-joined, or a list of those (Any: a string or a list).
     shards: Any = field(default_factory=list)
+    # Folders of shard sets joined to `shards` by key (each holds shards of the same names): modalities added by
+    # `polymodal data derive` or `polymodal data tokenize` without rewriting the source.
+    join: list[str] = field(default_factory=list)
     # Modalities every sample must have (others are skipped and counted), and ones used when present.
     modalities: list[str] = field(default_factory=lambda: ["rgb", "caption"])
     optional_modalities: list[str] = field(default_factory=list)
@@ -24,6 +27,9 @@ class DataConfig:
     # weight, so a sample's rate is its entry's weight (uniform by default; every shard is read whole).
     shard_weights: list[float] = field(default_factory=list)
     seed: int = 0
+    # Hand out each decoded sample this many times in a row, each with fresh augmentation (and masking in the
+    # objective): fewer reads and decodes per training sample. Resume covers the repeat in progress.
+    repeats: int = 1
     shuffle_shards: bool = True
     # Samples held for shuffling per worker (0: stream order). Yielding starts once it holds shuffle_initial.
     shuffle_buffer: int = 1000

@@ -27,6 +27,7 @@ REASONS = {
     "bad_text": "text bytes that are not valid UTF-8",
     "bad_label": "a label that is not an integer",
     "bad_array": "array bytes that do not load as a plain (unpickled) .npy",
+    "bad_tokens": "token ids of the wrong dtype or grid, or outside their set's vocabulary",
     "transform_failed": "a transform or tokenizer raised on the sample",
     "unreadable_source": "a source file (importers) that cannot be read",
 }

@@ -15,9 +15,11 @@ it handed out from each worker (not of batches still prefetched), so a saved sta
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -28,6 +30,7 @@ from polymodal.data.errors import ConfigError, SampleSkipped, SkipCounter, skip_
 from polymodal.data.shardlist import expand_entries, missing_local, weights_per_shard
 from polymodal.data.stream import WorkerStream, augment_rng
 from polymodal.data.tar_samples import RawSample
+from polymodal.data.token_data import TokenSpec, check_tokens, pick_crop, read_token_specs
 from polymodal.data.transforms import ImageTransform
 from polymodal.distributed import Placement, placement
 
@@ -40,9 +43,14 @@ Tokenizer = Callable[[str], Any]
 class SampleDecoder:
     """Raw sample (extension -> bytes) to a training sample (modality -> value), through the registry."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None,
+                 token_specs: dict[str, TokenSpec] | None = None):
         self.wanted = [(modalities.get(n), True) for n in cfg.modalities]
         self.wanted += [(modalities.get(n), False) for n in cfg.optional_modalities]
+        self.token_specs = token_specs or {}
+        self.token_names = [m.name for m, _ in self.wanted if m.tokens]
+        if self.token_names and "crops" not in [m.name for m, _ in self.wanted]:
+            self.wanted.append((modalities.get("crops"), False))  # the boxes of stored token crops
         self.max_pixels = cfg.max_image_pixels
         self.transform = ImageTransform(size=cfg.image_size, train=cfg.augment, scale=tuple(cfg.crop_scale),
                                         ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip, fast_decode=cfg.fast_decode)
@@ -61,13 +69,22 @@ class SampleDecoder:
             if ext is None:
                 continue
             value = modality.decode(raw[ext], ext, self.max_pixels)
-            if modality.geometry:
+            if modality.tokens:
+                sample[modality.name] = check_tokens(modality.name, value, self.token_specs.get(modality.name))
+            elif modality.geometry:
                 images[modality.name] = (modality, value)
             elif isinstance(value, str) and self.tokenizer is not None:
                 sample[modality.name] = torch.as_tensor(self.tokenizer(value))
             else:
                 sample[modality.name] = modality.to_tensor(value) if modality.to_tensor else value
-        sample.update(self.transform(images, rng))
+        crop = None
+        if self.token_names:
+            # A stored token crop is picked first: pixels of the sample are then cut with the same box.
+            crop = pick_crop(sample, self.token_names, rng)
+            for name in self.token_names:
+                if isinstance(sample.get(name), np.ndarray):
+                    sample[name] = torch.from_numpy(sample[name])
+        sample.update(self.transform(images, rng, crop))
         return sample
 
 
@@ -83,11 +100,11 @@ class ShardDataset(IterableDataset):
     """What runs inside each loader worker; configured by ShardLoader before every `iter()`."""
 
     def __init__(self, cfg: DataConfig, urls: list[str], where: Placement, tokenizer: Tokenizer | None,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, token_specs: dict[str, TokenSpec] | None = None):
         super().__init__()
         self.cfg, self.urls, self.where = cfg, urls, where
         self.weights = weights  # resampled draw weight per url (None: uniform)
-        self.decoder = SampleDecoder(cfg, tokenizer)
+        self.decoder = SampleDecoder(cfg, tokenizer, token_specs)
         self.epoch = 0
         self.worker_offset = 0
         self.resume: dict[int, dict] = {}
@@ -102,7 +119,8 @@ class ShardDataset(IterableDataset):
         stream = WorkerStream(self.urls, seed=cfg.seed, epoch=self.epoch, worker=worker, total_workers=total,
                               resampled=cfg.resampled, shuffle_shards=cfg.shuffle_shards,
                               buffer_size=cfg.shuffle_buffer, buffer_initial=cfg.shuffle_initial,
-                              counter=counter, allow_pipe=cfg.allow_pipe, weights=self.weights)
+                              counter=counter, allow_pipe=cfg.allow_pipe, weights=self.weights, joins=cfg.join,
+                              repeats=cfg.repeats)
         if saved is not None:
             if saved.get("done"):
                 return
@@ -117,13 +135,14 @@ class ShardDataset(IterableDataset):
 
         pending: list[dict] = []
         try:
-            for pos, idx, raw in stream:
+            for pos, idx, raw, repeat in stream.repeated():
                 try:
-                    pending.append(self.decoder(raw, augment_rng(cfg.seed, self.epoch, worker, pos, idx)))
+                    pending.append(self.decoder(raw, augment_rng(cfg.seed, self.epoch, worker, pos, idx, repeat)))
                 except Exception as exc:  # one bad sample never stops the run
                     skip = skip_reason(exc)
                     counter.add(skip.reason, f"{raw['__url__']} key {raw['__key__']}: {skip.detail}")
                     stream.judge(pos, usable=False)
+                    stream.drop_repeats()  # its other repeats would fail the same way
                     continue
                 stream.judge(pos, usable=True)
                 if len(pending) == cfg.batch_size:
@@ -149,6 +168,12 @@ def check_config(cfg: DataConfig, urls: list[str], where: Placement) -> int:
         raise ConfigError("data.modalities is empty: name at least one modality, e.g. data.modalities=[rgb,caption]")
     if cfg.batch_size < 1:
         raise ConfigError(f"data.batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.repeats < 1:
+        raise ConfigError(f"data.repeats must be at least 1, got {cfg.repeats}")
+    missing_joins = [folder for folder in cfg.join if "://" not in folder and not os.path.isdir(folder)]
+    if missing_joins:
+        raise ConfigError(f"data.join: {', '.join(missing_joins)} is not a folder (each joined set is a folder of "
+                          "shards named like the source's, e.g. what `polymodal data derive` wrote)")
     if cfg.num_workers < 0:
         raise ConfigError(f"data.num_workers must be 0 or more, got {cfg.num_workers}")
     missing = missing_local(urls)
@@ -193,7 +218,10 @@ class ShardLoader:
         self.urls = [url for entry in entries for url in entry]
         self.num_workers = check_config(cfg, self.urls, self.where)
         weights = weights_per_shard(entries, cfg.shard_weights) if cfg.shard_weights else None
-        self.dataset = ShardDataset(cfg, self.urls, self.where, tokenizer, weights)
+        # Token sets describe themselves in their stats.json: the source's folders and the joined ones.
+        folders = sorted({os.path.dirname(u) for u in self.urls if "://" not in u}) + list(cfg.join)
+        self.token_specs = read_token_specs(folders)
+        self.dataset = ShardDataset(cfg, self.urls, self.where, tokenizer, weights, self.token_specs)
         self.epoch = 0
         self._states: dict[int, dict] = {}
         self._next_worker = 0
@@ -263,7 +291,7 @@ class ShardLoader:
     def _identity(self) -> dict:
         return {"rank": self.where.rank, "world_size": self.where.world_size, "num_workers": self.num_workers,
                 "seed": self.cfg.seed, "resampled": self.cfg.resampled, "num_shards": len(self.urls),
-                "shard_weights": self.dataset.weights}
+                "shard_weights": self.dataset.weights, "repeats": self.cfg.repeats}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, **self._identity(), "epoch": self.epoch,
@@ -274,6 +302,7 @@ class ShardLoader:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self._identity()
+        state = {"repeats": 1, **state}  # saved before data.repeats existed
         different = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if different:
             what = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in different.items())

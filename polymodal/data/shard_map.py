@@ -144,7 +144,8 @@ class JobProgress:
 
     def start(self, names: list[str], resume: bool, overwrite: bool) -> list[str]:
         """Check or record the settings; clear what this rank redoes. Returns the shards still to do."""
-        settings = {"settings": self.job.settings(), "sets": list(self.job.sets)}
+        # Through JSON, so tuples compare equal to the lists they were recorded as.
+        settings = json.loads(json.dumps({"settings": self.job.settings(), "sets": list(self.job.sets)}))
         job_file = self.out / JOB_FILE
         if job_file.exists() and not overwrite:
             recorded = json.loads(job_file.read_text())

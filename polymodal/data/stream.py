@@ -13,7 +13,8 @@ import random
 from typing import Iterator
 
 from polymodal.data.errors import ConfigError, SkipCounter, summarize
-from polymodal.data.tar_samples import RawSample, iter_shard
+from polymodal.data.join import iter_joined
+from polymodal.data.tar_samples import RawSample
 
 _WORD = 1 << 32
 
@@ -44,7 +45,9 @@ def epoch_shards(urls: list[str], seed: int, epoch: int, shuffle: bool, worker: 
     return order[worker::total]
 
 
-def augment_rng(seed: int, epoch: int, worker: int, pos: int, index: int) -> random.Random:
+def augment_rng(seed: int, epoch: int, worker: int, pos: int, index: int, repeat: int = 0) -> random.Random:
+    if repeat:
+        return seeded(_AUGMENT, seed, epoch, worker, pos, index, repeat)
     return seeded(_AUGMENT, seed, epoch, worker, pos, index)
 
 
@@ -60,8 +63,14 @@ class WorkerStream:
 
     def __init__(self, urls: list[str], *, seed: int, epoch: int, worker: int, total_workers: int,
                  resampled: bool, shuffle_shards: bool, buffer_size: int, buffer_initial: int,
-                 counter: SkipCounter, allow_pipe: bool = False, weights: list[float] | None = None):
+                 counter: SkipCounter, allow_pipe: bool = False, weights: list[float] | None = None,
+                 joins: list[str] | None = None, repeats: int = 1):
         self.urls = urls
+        self.joins = list(joins or [])  # folders of shard sets joined by key (polymodal.data.join)
+        # `repeated()` hands out each sample `repeats` times; `repeating` is the sample still owed repeats.
+        self.repeats = max(1, repeats)
+        self.repeating: tuple[int, int, RawSample] | None = None
+        self.next_repeat = 0
         # Resampled draws: uniform over `urls`, or by these relative weights (one per url).
         self.cum_weights = list(itertools.accumulate(weights)) if weights else None
         self.seed, self.epoch, self.worker = seed, epoch, worker
@@ -91,25 +100,31 @@ class WorkerStream:
     # -- position -------------------------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"cursor": self.cursor, "read": self.read, "picks": self.picks,
-                "buffer": [[pos, idx] for pos, idx, _ in self.buffer]}
+        state = {"cursor": self.cursor, "read": self.read, "picks": self.picks,
+                 "buffer": [[pos, idx] for pos, idx, _ in self.buffer]}
+        if self.repeating is not None:
+            state["repeat"] = [self.repeating[0], self.repeating[1], self.next_repeat]
+        return state
 
     def restore(self, state: dict) -> None:
         """Re-read what the saved buffer held and move to the saved cursor (no decoding, no double counting)."""
         self.cursor, self.read, self.picks = state["cursor"], state["read"], state["picks"]
         wanted: dict[int, set[int]] = {}
-        for pos, idx in state["buffer"]:
+        owed = state.get("repeat")
+        for pos, idx in state["buffer"] + ([owed[:2]] if owed else []):
             wanted.setdefault(pos, set()).add(idx)
         found: dict[tuple[int, int], RawSample] = {}
         for pos, indices in sorted(wanted.items()):
             last = max(indices)
-            for idx, raw in iter_shard(self.shard_at(pos), None, self.allow_pipe):
+            for idx, raw in iter_joined(self.shard_at(pos), self.joins, None, self.allow_pipe):
                 if idx in indices:
                     found[(pos, idx)] = raw
                 if idx >= last:
                     break
         # A sample that cannot be found again (the shard changed on disk) is dropped rather than invented.
         self.buffer = [(pos, idx, found[(pos, idx)]) for pos, idx in state["buffer"] if (pos, idx) in found]
+        if owed and (owed[0], owed[1]) in found:
+            self.repeating, self.next_repeat = (owed[0], owed[1], found[(owed[0], owed[1])]), owed[2]
 
     # -- usable data ----------------------------------------------------------------------------------------
 
@@ -138,6 +153,28 @@ class WorkerStream:
         """Buffer fill at which one sample is handed out: starts small, grows to buffer_size (fast first batch)."""
         return min(self.buffer_size, self.buffer_initial + self.picks)
 
+    def repeated(self) -> Iterator[tuple[int, int, RawSample, int]]:
+        """(pos, idx, sample, repeat number): each sample `repeats` times in a row (ml-4m's cheap throughput trick:
+        one read and decode of the bytes, fresh augmentation and masking each time). `state()` between any two
+        covers the repeat owed; `drop_repeats()` skips the rest of a sample that turned out unusable."""
+        if self.repeating is not None:  # restored in the middle of a sample's repeats
+            yield from self._repeat(*self.repeating, self.next_repeat)
+        for pos, idx, raw in self:
+            yield from self._repeat(pos, idx, raw, 0)
+
+    def _repeat(self, pos: int, idx: int, raw: RawSample, first: int) -> Iterator[tuple[int, int, RawSample, int]]:
+        self.repeating, self.next_repeat = (pos, idx, raw), first
+        while self.repeating is not None and self.next_repeat < self.repeats:
+            repeat = self.next_repeat
+            self.next_repeat += 1
+            if self.next_repeat == self.repeats:
+                self.repeating = None
+            yield pos, idx, raw, repeat
+        self.repeating = None
+
+    def drop_repeats(self) -> None:
+        self.repeating = None
+
     def __iter__(self) -> Iterator[tuple[int, int, RawSample]]:
         while True:
             url = self.shard_at(self.cursor)
@@ -145,7 +182,7 @@ class WorkerStream:
                 break
             skip = self.read
             found = False
-            for idx, raw in iter_shard(url, self.counter, self.allow_pipe, count_from=skip):
+            for idx, raw in iter_joined(url, self.joins, self.counter, self.allow_pipe, count_from=skip):
                 if idx < skip:
                     continue
                 self.read = idx + 1

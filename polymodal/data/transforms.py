@@ -108,10 +108,16 @@ class ImageTransform:
     hflip: float = 0.5
     fast_decode: bool = True
 
-    def __call__(self, images: dict[str, tuple[Modality, Image.Image]], rng: random.Random) -> dict:
-        """Transform the image-like entries of one sample together; returns modality name -> tensor."""
+    def __call__(self, images: dict[str, tuple[Modality, Image.Image]], rng: random.Random,
+                 crop: tuple[float, float, float, float, float] | None = None) -> dict:
+        """Transform the image-like entries of one sample together; returns modality name -> tensor. `crop`
+        (x0, y0, x1, y1 as fractions, flip) imposes the box and flip: that of a stored token crop."""
         if not images:
             return {}
+        if crop is not None and self.size is not None:
+            return {name: _finish(modality, crop_resize(img, tuple(crop[:4]), (self.size, self.size), modality,
+                                                        bool(crop[4]), self.fast_decode))
+                    for name, (modality, img) in images.items()}
         out = {}
         if self.size is None:
             for name, (modality, img) in images.items():
