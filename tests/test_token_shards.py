@@ -216,3 +216,22 @@ def test_tokenize_resumes_after_kill_9_with_identical_bytes(tmp_path, cifar_test
     assert not list(killed.glob("**/*.tmp*"))
     stats = json.loads((killed / "tok_rgb" / "stats.json").read_text())
     assert stats["samples"] == 3000 and stats["tokens"]["fingerprint"].startswith("image:")
+
+
+def test_each_text_modality_has_its_own_tokenizer(tokenized_emoji):
+    """A caption through the WordPiece vocabulary, a palette through open_clip's BPE, metadata left as text."""
+    import random
+
+    from polymodal.data.pipeline import SampleDecoder
+    from polymodal.tokenizers.text import OpenClipBPE, TextTokenizer
+
+    root, _ = tokenized_emoji
+    wordpiece, bpe = TextTokenizer.load(root / "wp"), OpenClipBPE()
+    decoder = SampleDecoder(DataConfig(modalities=["caption", "palette", "metadata"]),
+                            {"caption": wordpiece.encode, "palette": bpe.encode})
+    raw = {"__key__": "k", "__url__": "u", "txt": b"grinning face", "palette.txt": b"v1=1 v0=3 v0=4 v0=5",
+           "metadata.txt": b"v1=0 v0=7"}
+    sample = decoder(raw, random.Random(0))
+    assert torch.equal(sample["caption"], wordpiece.encode("grinning face"))
+    assert torch.equal(sample["palette"], bpe.encode("v1=1 v0=3 v0=4 v0=5"))
+    assert sample["metadata"] == "v1=0 v0=7"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -37,13 +37,16 @@ from polymodal.distributed import Placement, placement
 log = logging.getLogger("polymodal.data")
 
 STATE_VERSION = 1
+# Text to token ids: one callable for every text modality, or one per modality name (a caption and a gloss may
+# use different vocabularies); text modalities without one stay strings.
 Tokenizer = Callable[[str], Any]
+Tokenizers = Union[Tokenizer, dict[str, Tokenizer]]
 
 
 class SampleDecoder:
     """Raw sample (extension -> bytes) to a training sample (modality -> value), through the registry."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None,
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizers | None = None,
                  token_specs: dict[str, TokenSpec] | None = None):
         self.wanted = [(modalities.get(n), True) for n in cfg.modalities]
         self.wanted += [(modalities.get(n), False) for n in cfg.optional_modalities]
@@ -54,7 +57,9 @@ class SampleDecoder:
         self.max_pixels = cfg.max_image_pixels
         self.transform = ImageTransform(size=cfg.image_size, train=cfg.augment, scale=tuple(cfg.crop_scale),
                                         ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip, fast_decode=cfg.fast_decode)
-        self.tokenizer = tokenizer
+        self.tokenizers: dict[str, Tokenizer] = (
+            dict(tokenizer) if isinstance(tokenizer, dict)
+            else {m.name: tokenizer for m, _ in self.wanted} if tokenizer is not None else {})
 
     def __call__(self, raw: RawSample, rng) -> dict[str, Any]:
         sample: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
@@ -73,8 +78,8 @@ class SampleDecoder:
                 sample[modality.name] = check_tokens(modality.name, value, self.token_specs.get(modality.name))
             elif modality.geometry:
                 images[modality.name] = (modality, value)
-            elif isinstance(value, str) and self.tokenizer is not None:
-                sample[modality.name] = torch.as_tensor(self.tokenizer(value))
+            elif isinstance(value, str) and modality.name in self.tokenizers:
+                sample[modality.name] = torch.as_tensor(self.tokenizers[modality.name](value))
             else:
                 sample[modality.name] = modality.to_tensor(value) if modality.to_tensor else value
         crop = None
@@ -99,7 +104,7 @@ def _worker_identity(offset: int) -> tuple[int, int]:
 class ShardDataset(IterableDataset):
     """What runs inside each loader worker; configured by ShardLoader before every `iter()`."""
 
-    def __init__(self, cfg: DataConfig, urls: list[str], where: Placement, tokenizer: Tokenizer | None,
+    def __init__(self, cfg: DataConfig, urls: list[str], where: Placement, tokenizer: Tokenizers | None,
                  weights: list[float] | None = None, token_specs: dict[str, TokenSpec] | None = None):
         super().__init__()
         self.cfg, self.urls, self.where = cfg, urls, where
@@ -211,7 +216,7 @@ class ShardLoader:
     completed pass moves to the next epoch; `set_epoch` picks one explicitly.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, where: Placement | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizers | None = None, where: Placement | None = None):
         self.cfg = cfg
         self.where = where or placement()
         entries = expand_entries(cfg.shards, allow_pipe=cfg.allow_pipe)

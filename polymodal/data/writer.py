@@ -28,6 +28,7 @@ from PIL import Image
 
 from polymodal.data.errors import ConfigError, SampleSkipped, summarize
 from polymodal.data.sources import Record, Source
+from polymodal import modalities
 from polymodal.modalities import DEFAULT_MAX_IMAGE_PIXELS, load_pixels, open_image, to_rgb
 from polymodal.progress import progress_bar
 
@@ -36,7 +37,7 @@ log = logging.getLogger("polymodal.data")
 PROGRESS_FILE = "_progress.jsonl"
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 EXT_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-MEMBER_MODALITY = {"txt": "caption", "cls": "label", "json": "json"}  # any other member written is the image
+MEMBER_MODALITY = {"txt": "caption", "cls": "label", "json": "json"}
 
 # A generic subset of the CLIP paper's ImageNet prompt templates, in CLIP_benchmark's '{c}' form.
 DEFAULT_TEMPLATES = [
@@ -87,21 +88,65 @@ def encode_image(value: bytes | np.ndarray, opts: WriterOptions) -> tuple[str, b
     return target, out.getvalue()
 
 
+# Record fields that are not modalities.
+RECORD_FIELDS = ("source", "meta", "error")
+
+
+def encode_member(name: str, value: Any) -> tuple[str, bytes]:
+    """(extension, bytes) of any registered modality's value, through the registry: its first extension, with
+    bytes as given, text as UTF-8, integers as ASCII, arrays as .npy or (2-D uint8/uint16, for .png) a PNG."""
+    modality = modalities.get(name)
+    ext = modality.extensions[0]
+    if isinstance(value, (bytes, bytearray)):
+        return ext, bytes(value)
+    if isinstance(value, str):
+        return ext, value.encode("utf-8")
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return ext, str(int(value)).encode("ascii")
+    if isinstance(value, np.ndarray):
+        out = io.BytesIO()
+        if ext.endswith("png") and value.ndim == 2 and value.dtype in (np.uint8, np.uint16):
+            Image.fromarray(value).save(out, format="PNG")
+        elif ext.endswith("png"):
+            ext = next((e for e in modality.extensions if e.endswith("npy")), None)
+            if ext is None:
+                raise SampleSkipped("bad_array", f"{name}: a {value.dtype} array of shape {value.shape} is not an "
+                                    "8/16-bit 2-D map, and the modality has no .npy form")
+            np.save(out, value, allow_pickle=False)
+        else:
+            np.save(out, value, allow_pickle=False)
+        return ext, out.getvalue()
+    raise SampleSkipped("transform_failed", f"{name}: cannot write a {type(value).__name__}")
+
+
 def encode_record(record: Record, opts: WriterOptions) -> dict[str, bytes]:
-    """Shard members (extension -> bytes) for one record, without the key."""
+    """Shard members (extension -> bytes) for one record, without the key: the image checked and re-encoded as
+    asked, every other modality through the registry (`encode_member`), and a .json of the record's metadata."""
     if "error" in record:
         raise record["error"]
     members: dict[str, bytes] = {}
-    if "rgb" in record:
-        ext, data = encode_image(record["rgb"], opts)
+    for name, value in record.items():
+        if name in RECORD_FIELDS:
+            continue
+        if name == "rgb":
+            ext, data = encode_image(value, opts)
+        elif name == "label":
+            ext, data = "cls", str(int(value)).encode("ascii")
+        else:
+            ext, data = encode_member(name, value)
         members[ext] = data
-    if "caption" in record:
-        members["txt"] = record["caption"].encode("utf-8")
-    if "label" in record:
-        members["cls"] = str(int(record["label"])).encode("ascii")
     meta = {"source": record.get("source"), **record.get("meta", {})}
     members["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")
     return members
+
+
+def member_modality(ext: str) -> str:
+    """The modality a written member holds (for the counts in stats.json)."""
+    if ext in MEMBER_MODALITY:
+        return MEMBER_MODALITY[ext]
+    if ext in FORMAT_EXT.values():
+        return "rgb"
+    return next((n for n in modalities.names() if ext in modalities.get(n).extensions), ext)
 
 
 _POOL_OPTIONS: WriterOptions | None = None
@@ -332,7 +377,7 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
             shard.add(f"{written:09d}", payload)
             written += 1
             for ext in payload:
-                found[MEMBER_MODALITY.get(ext, "rgb")] += 1
+                found[member_modality(ext)] += 1
             if shard.samples >= opts.samples_per_shard or shard.bytes >= opts.max_shard_bytes:
                 finish_shard()
                 bar.set_postfix_str(f"shards={shard_no} {summarize(dict(failures))}")
