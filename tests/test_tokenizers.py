@@ -102,18 +102,20 @@ def test_vq_tokenizer_training_resumes_exactly(cifar_test_shards, tmp_path):
     """The VQ-VAE's EMA codebook, k-means initialisation and dead-code restarts are state too: a run stopped at
     step 4 and resumed gives the uninterrupted run's losses bit for bit."""
 
-    def pretrain(run, *extra):
+    def pretrain(run, *extra, check=True):
         done = subprocess.run(polymodal_cmd() + ["pretrain", str(REPO / "configs" / "tokenizer-vq-cifar.yaml"),
                                                  f"data.shards={cifar_test_shards / 'test'}", f"run_dir={run}",
                                                  "data.batch_size=32", "data.num_workers=1", "log.progress=false",
                                                  "log.images_every=0", "checkpoint.every=4", "objective.width=16",
                                                  "optim.warmup_steps=2", *extra],
                               cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0 or not check, done.stderr[-3000:]
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return {row["step"]: row["loss"] for row in rows}
 
     whole = pretrain(tmp_path / "whole", "steps=8")
-    pretrain(tmp_path / "parts", "steps=4")
+    # Killed (SIGKILL) while writing the step-8 checkpoint: the resumed run starts from step 4.
+    pretrain(tmp_path / "parts", "steps=8", "faults.inject_kill_in_checkpoint=8", check=False)
+    assert (tmp_path / "parts" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     resumed = pretrain(tmp_path / "parts", "steps=8", "resume=latest")
-    assert len(whole) == 8 and all(resumed[step] == whole[step] for step in range(5, 9)), (whole, resumed)
+    assert len(whole) == 8 and resumed == whole, (whole, resumed)
