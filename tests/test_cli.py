@@ -21,7 +21,8 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "shards"], ["data", "inspect"], ["data", "stream"],
-                                     ["data", "demo"], ["data", "modalities"]])
+                                     ["data", "demo"], ["data", "modalities"], ["data", "derive"],
+                                     ["data", "tokenize"], ["tokenizer", "eval"], ["tokenizer", "train-text"]])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

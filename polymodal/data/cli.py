@@ -168,9 +168,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_modalities(args: argparse.Namespace) -> int:
     from polymodal import modalities
 
-    for name in modalities.names():
+    names = modalities.names()
+    width = max(map(len, names))
+    for name in names:
         m = modalities.get(name)
-        print(f"{name:<8} .{', .'.join(m.extensions):<28} {m.description}")
+        print(f"{name:<{width}} .{', .'.join(m.extensions):<28} {m.description}")
+    example = modalities.token_modality(f"{modalities.TOKEN_PREFIX}<name>")
+    print(f"{example.name:<{width}} .{example.extensions[0]:<28} {example.description}")
     return 0
 
 
