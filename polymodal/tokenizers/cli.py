@@ -10,7 +10,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from polymodal.tokenizers.evaluate import evaluate_tokenizer, write_result
 
     result = evaluate_tokenizer(args.run, args.dataset, batch_size=args.batch_size, limit=args.limit,
-                                workers=args.workers, show_progress=not args.quiet)
+                                workers=args.workers, show_progress=not args.quiet, join=args.join)
     path = write_result(result, args.output)
     m = result["metrics"]
     print(f"{args.run} on {args.dataset} ({m['images']} images): " + ", ".join(
@@ -80,6 +80,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         epilog="example: polymodal tokenizer eval runs/tokenizer-fsq-cifar --dataset out/cifar10/test")
     ev.add_argument("run", help="a run folder (its model.safetensors) or an exported .safetensors file")
     ev.add_argument("--dataset", required=True, help="held-out shards: a folder, pattern or brace list")
+    ev.add_argument("--join", action="append", metavar="FOLDER",
+                    help="a shard set joined to the dataset by key (e.g. derived edges for an edges tokenizer); "
+                         "repeatable")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     ev.add_argument("--workers", type=int, default=2)

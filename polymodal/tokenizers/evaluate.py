@@ -13,7 +13,8 @@ from polymodal.data.errors import ConfigError
 
 
 def evaluate_tokenizer(run: str, shards: str, batch_size: int = 256, limit: int | None = None, workers: int = 2,
-                       show_progress: bool = True) -> dict:
+                       show_progress: bool = True, join: list[str] | None = None) -> dict:
+    """`join`: shard sets joined to `shards` by key (data.join), e.g. the derived edges an edges tokenizer reads."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     from polymodal.data.config import DataConfig
@@ -29,8 +30,8 @@ def evaluate_tokenizer(run: str, shards: str, batch_size: int = 256, limit: int 
         raise ConfigError(f"{run} is a {objective.name!r} run, not an image tokenizer (fsq, vqvae)")
     size = int(exported_metadata(path).get("polymodal.image_size", 0)) or None
     modality = objective.config.modality
-    cfg = DataConfig(shards=[shards], modalities=[modality], image_size=size, augment=False, batch_size=batch_size,
-                     num_workers=workers, shuffle_buffer=0)
+    cfg = DataConfig(shards=[shards], join=list(join or []), modalities=[modality], image_size=size, augment=False,
+                     batch_size=batch_size, num_workers=workers, shuffle_buffer=0)
     tok, vocab = objective.tokenizer_model, objective.tokenizer_model.vocab_size
     counts = torch.zeros(vocab, dtype=torch.long)
     sums = {"recon_loss": 0.0, "psnr": 0.0, "ssim": 0.0}
