@@ -141,6 +141,24 @@ def decode_dense(data: bytes, extension: str = "", max_pixels: int = DEFAULT_MAX
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Encoders: the inverse of the decoders, for writers (shards, derived and token sets).
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """A numeric array as .npy bytes (never pickled)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A 2-D uint8 (or uint16) array as a greyscale PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Tensor conversion (before the geometric transform, which runs on tensors).
 
 

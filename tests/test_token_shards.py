@@ -108,7 +108,7 @@ def test_the_pipeline_joins_tokens_and_its_pixels_follow_the_stored_crop(tokeniz
 
 def test_bad_token_arrays_are_skipped_and_counted(tmp_path):
     """Wrong dtype, wrong grid, ids outside the vocabulary, a sequence that is not 1-D: each skipped, counted."""
-    from polymodal.data.tokenize_shards import npy_bytes
+    from polymodal.modalities import npy_bytes
     from polymodal.data.writer import ShardFile
 
     good = np.arange(16, dtype=np.uint16).reshape(1, 4, 4)

@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from polymodal import modalities
 from polymodal.data import derive
 from polymodal.data.errors import ConfigError, SampleSkipped
 from polymodal.data.shard_map import ShardJob
+from polymodal.modalities import npy_bytes, png_bytes
 from polymodal.tokenizers.text import serialize_metadata, serialize_palette
 
 # Every modality `derive` writes, in the order their sets are listed (the order given on the command line does not
@@ -101,19 +101,6 @@ def parse_modalities(text: str | list[str]) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------------- encoding
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """A 2-D uint8 (or uint16, for more than 255 classes) array as a greyscale PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def hog_bytes(cells: torch.Tensor) -> bytes:

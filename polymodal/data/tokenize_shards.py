@@ -14,7 +14,6 @@ Each set's stats.json records the tokenizer's fingerprint, vocabulary and grid; 
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from polymodal.data.errors import ConfigError, SampleSkipped
 from polymodal.data.shard_map import ShardJob
 from polymodal.data.tar_samples import RawSample
 from polymodal.data.transforms import center_box, crop_resize, random_resized_box
-from polymodal.modalities import TOKEN_PREFIX, DEFAULT_MAX_IMAGE_PIXELS
+from polymodal.modalities import DEFAULT_MAX_IMAGE_PIXELS, TOKEN_PREFIX, npy_bytes
 
 
 @dataclass
@@ -45,12 +44,6 @@ class TokenizeOptions:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array, allow_pickle=False)
-    return out.getvalue()
 
 
 def load_image_tokenizer(run: str):

@@ -104,18 +104,14 @@ def encode_member(name: str, value: Any) -> tuple[str, bytes]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return ext, str(int(value)).encode("ascii")
     if isinstance(value, np.ndarray):
-        out = io.BytesIO()
         if ext.endswith("png") and value.ndim == 2 and value.dtype in (np.uint8, np.uint16):
-            Image.fromarray(value).save(out, format="PNG")
-        elif ext.endswith("png"):
+            return ext, modalities.png_bytes(value)
+        if ext.endswith("png"):
             ext = next((e for e in modality.extensions if e.endswith("npy")), None)
             if ext is None:
                 raise SampleSkipped("bad_array", f"{name}: a {value.dtype} array of shape {value.shape} is not an "
                                     "8/16-bit 2-D map, and the modality has no .npy form")
-            np.save(out, value, allow_pickle=False)
-        else:
-            np.save(out, value, allow_pickle=False)
-        return ext, out.getvalue()
+        return ext, modalities.npy_bytes(value)
     raise SampleSkipped("transform_failed", f"{name}: cannot write a {type(value).__name__}")
 
 
