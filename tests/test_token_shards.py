@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -184,16 +185,31 @@ def test_a_key_missing_from_a_joined_set_is_counted_when_required_and_absent_whe
         ShardLoader(DataConfig(shards=str(emoji_shards), join=[str(tmp_path / "nowhere")]))
 
 
-def test_tokenize_resumes_after_kill_9_with_identical_bytes(tmp_path, cifar_test_shards):
-    tokenizer = export_tokenizer(tmp_path / "fsq").parent
-    source = f"{cifar_test_shards / 'test'}/{{0..2}}.tar"
+def tokenize_command(source: str, tokenizer: Path, out: Path, *extra: str) -> list[str]:
+    return ["data", "tokenize", source, str(out), "--tokenizer", f"rgb={tokenizer}", "--crops", "2", "--workers",
+            "1", "-q", *extra]
 
-    def command(out: Path, *extra: str) -> list[str]:
-        return polymodal_cmd() + ["data", "tokenize", source, str(out), "--tokenizer", f"rgb={tokenizer}",
-                                  "--crops", "2", "--workers", "1", "-q", *extra]
+
+@pytest.fixture(scope="module")
+def cifar_tokenized_whole(tmp_path_factory, cifar_test_shards):
+    """Three CIFAR-10 test shards tokenized by one uninterrupted process: the reference output."""
+    root = tmp_path_factory.mktemp("cifar-tok")
+    tokenizer = export_tokenizer(root / "fsq").parent
+    source = f"{cifar_test_shards / 'test'}/{{0..2}}.tar"
+    done = subprocess.run(polymodal_cmd() + tokenize_command(source, tokenizer, root / "whole"), cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return source, tokenizer, root / "whole"
+
+
+def test_tokenize_resumes_after_kill_9_with_identical_bytes(tmp_path, cifar_tokenized_whole):
+    source, tokenizer, whole = cifar_tokenized_whole
+
+    def command(*extra: str) -> list[str]:
+        return polymodal_cmd() + tokenize_command(source, tokenizer, killed, *extra)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not list((killed / "_progress").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
@@ -202,20 +218,32 @@ def test_tokenize_resumes_after_kill_9_with_identical_bytes(tmp_path, cifar_test
     proc.wait()
     finished = len(list((killed / "_progress").glob("*.json")))
     assert 1 <= finished < 3, f"the job should be killed part-way, {finished} of 3 shards were done"
-    refused = subprocess.run(command(killed), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    refused = subprocess.run(command(), cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = subprocess.run(command(killed, "--resume"), cwd=REPO, env=subprocess_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(command("--resume"), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"({finished} already done)" in resumed.stdout
-    whole = tmp_path / "whole"
-    done = subprocess.run(command(whole), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
     for i in range(3):
         assert (killed / "tok_rgb" / f"{i}.tar").read_bytes() == (whole / "tok_rgb" / f"{i}.tar").read_bytes()
     assert not list(killed.glob("**/*.tmp*"))
     stats = json.loads((killed / "tok_rgb" / "stats.json").read_text())
     assert stats["samples"] == 3000 and stats["tokens"]["fingerprint"].startswith("image:")
+
+
+def test_tokenize_splits_shards_across_torchrun_ranks(tmp_path, cifar_tokenized_whole):
+    """Two ranks (torchrun) take alternate shards and together write what one process writes."""
+    source, tokenizer, whole = cifar_tokenized_whole
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "polymodal", *tokenize_command(source, tokenizer, tmp_path / "ranks")],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0: tokenized 2000 samples from 2 shards" in done.stdout
+    assert "rank 1: tokenized 1000 samples from 1 shards" in done.stdout
+    for i in range(3):
+        assert (tmp_path / "ranks" / "tok_rgb" / f"{i}.tar").read_bytes() == \
+            (whole / "tok_rgb" / f"{i}.tar").read_bytes()
+    assert json.loads((tmp_path / "ranks" / "tok_rgb" / "stats.json").read_text())["samples"] == 3000
 
 
 def test_each_text_modality_has_its_own_tokenizer(tokenized_emoji):
