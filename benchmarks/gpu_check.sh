@@ -31,7 +31,7 @@ WHEELS=wheels
 DATA_ROOT=
 BUDGET=460
 DRY=0
-ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step"
+ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step tokenize_speed"
 OUT_DIR=${OUT:-gpu-check-out}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -111,6 +111,7 @@ PARTS=(
   "eval_speed|180|eval_speed.json|$QPY benchmarks/eval_speed.py --device cuda --precision bf16 --model open_clip:ViT-B-32 --test-limit 5000 --train-limit 5000 --rounds 1 --workers 8 --max-wait 0 --data-root $QDATA --shards-dir $WORKQ/cifar10-eval --work-dir $WORKQ/eval-speed --out OUTDIR/eval_speed.json"
   "attention|100|attention.json|$QPY benchmarks/attention.py --device cuda --dtype bf16 --max-wait 0 --timeout 60 --out OUTDIR/attention.json"
   "clip_step|200|clip_step.json|$QPY benchmarks/clip_step.py --data emoji --workers 4 --steps 8 --warmup 4 --rounds 1 --retries 0 --max-wait 0 --peer-webdataset $PEER_WDS --work-dir $WORKQ/clip-step --out OUTDIR/clip_step.json"
+  "tokenize_speed|60|tokenize_speed.json|$QPY benchmarks/tokenize_speed.py --device cuda --encode-only --out OUTDIR/tokenize_speed.json"
 )
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 unset DS_ACCELERATOR

@@ -143,6 +143,8 @@ def _headline(name: str, report: dict) -> dict:
                 "gpu_goal_met": res.get("gpu_goal_met")} | {
             f"{t}_{k}": trainers.get(t, {}).get(k) for t in ("ours", "open_clip")
             for k in ("samples_per_s", "mfu", "data_wait_median")}
+    if name == "tokenize_speed":
+        return {"encode_images_per_s": report.get("encode_images_per_s")}
     if name == "attention":
         return {case: {k: v for k, v in entry.items() if k.startswith(("speedup_vs_ml4m", "memory_ratio_ml4m", "best",
                                                                         "share_of_datasheet"))}
