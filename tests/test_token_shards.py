@@ -263,3 +263,19 @@ def test_each_text_modality_has_its_own_tokenizer(tokenized_emoji):
     assert torch.equal(sample["caption"], wordpiece.encode("grinning face"))
     assert torch.equal(sample["palette"], bpe.encode("v1=1 v0=3 v0=4 v0=5"))
     assert sample["metadata"] == "v1=0 v0=7"
+
+
+def test_tokenizers_load_by_name_or_path(tokenized_emoji):
+    from polymodal import tokenizers
+    from polymodal.tokenizers.text import TextTokenizer
+
+    root, _ = tokenized_emoji
+    assert {"image", "open_clip_bpe", "wordpiece"} <= set(tokenizers.names())
+    wordpiece = tokenizers.load(f"wordpiece:{root / 'wp'}")
+    assert wordpiece.fingerprint == tokenizers.load(str(root / "wp")).fingerprint == \
+        TextTokenizer.load(root / "wp").fingerprint
+    image = tokenizers.load(str(root / "fsq"))
+    assert image.grid(32) == (8, 8) and image.fingerprint == tokenizers.load(f"image:{root / 'fsq'}").fingerprint
+    assert tokenizers.load("open_clip_bpe:ViT-B-32").vocab_size == 49408
+    with pytest.raises(ConfigError, match="not a known kind"):
+        tokenizers.load(str(root))

@@ -330,7 +330,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                      help="an image-like modality and a trained fsq/vqvae run (folder or .safetensors); repeatable")
     tok.add_argument("--text", action="append", metavar="MODALITY=VOCAB",
                      help="a text modality and a WordPiece vocabulary (polymodal tokenizer train-text), or "
-                          "open_clip:MODEL for open_clip's BPE; repeatable, one tokenizer per text modality")
+                          "open_clip_bpe:MODEL for open_clip's BPE; repeatable, one tokenizer per text modality")
     tok.add_argument("--crops", type=int, default=1, help="crops stored per sample for image-like modalities")
     tok.add_argument("--crop-scale", type=float, nargs=2, default=[0.5, 1.0], metavar=("MIN", "MAX"),
                      help="area range of the random crops (crop 0 is always the centre crop)")

@@ -64,12 +64,16 @@ def load_image_tokenizer(run: str):
 
 
 def load_text_tokenizer(spec: str):
-    """A WordPiece vocabulary folder/file (`polymodal tokenizer train-text`), or `open_clip:<model>` for its BPE."""
-    from polymodal.tokenizers.text import OpenClipBPE, TextTokenizer
+    """A WordPiece vocabulary folder/file (`polymodal tokenizer train-text`), `open_clip_bpe:<model>` (also
+    `open_clip:<model>`) for open_clip's BPE, or any `name:...` of the tokenizer registry."""
+    from polymodal.tokenizers import registry
 
     if spec.startswith("open_clip:"):
-        return OpenClipBPE(spec.split(":", 1)[1] or "ViT-B-32")
-    return TextTokenizer.load(spec)
+        spec = "open_clip_bpe:" + spec.split(":", 1)[1]
+    tokenizer = registry.load(spec)
+    if tokenizer.grid(32) is not None:
+        raise ConfigError(f"--text ...={spec}: that is an image tokenizer (use --tokenizer)")
+    return tokenizer
 
 
 class TokenizeJob(ShardJob):
