@@ -30,10 +30,10 @@ def cifar_images(data_root):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-@pytest.mark.parametrize("quantizer", ["fsq", "vq"])
-def test_encode_then_decode_is_the_models_own_reconstruction(quantizer, cifar_images):
+@pytest.mark.parametrize("quantizer,backbone", [("fsq", "conv"), ("vq", "conv"), ("vq", "vit")])
+def test_encode_then_decode_is_the_models_own_reconstruction(quantizer, backbone, cifar_images):
     torch.manual_seed(0)
-    tok = ImageTokenizer(quantizer, width=32, downsample=4)
+    tok = ImageTokenizer(quantizer, width=32, downsample=4, backbone=backbone, vit_depth=2)
     tok(cifar_images[:32])  # VQ: k-means initialisation of the codebook on real images
     tok.eval()
     ids = tok.encode(cifar_images[:8])
@@ -46,6 +46,29 @@ def test_encode_then_decode_is_the_models_own_reconstruction(quantizer, cifar_im
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode(ids + tok.vocab_size)
     assert tok.vocab_size == (1000 if quantizer == "fsq" else 1024)
+
+
+def test_a_vit_tokenizer_learns_to_reconstruct_real_images(cifar_images):
+    """The ViT backbone (our transformer blocks on the token grid) trains: 60 Adam steps on 48 real CIFAR-10
+    images raise the PSNR on 16 other ones by more than 3 dB."""
+    torch.manual_seed(0)
+    tok = ImageTokenizer("fsq", width=32, downsample=4, backbone="vit", vit_depth=2)
+    train, held = cifar_images[:48], cifar_images[48:]
+
+    def psnr() -> float:
+        with torch.no_grad():
+            recon = tok(held)[0].clamp(-1, 1)
+        return float(10 * torch.log10(4.0 / (recon - held).square().mean()))
+
+    before = psnr()
+    optimizer = torch.optim.Adam(tok.parameters(), lr=2e-3)
+    for _ in range(60):
+        recon, _, aux = tok(train)
+        loss = tok.reconstruction_loss(recon, train) + aux
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert psnr() > before + 3, (before, psnr())
 
 
 def test_the_fingerprint_ties_tokens_to_one_tokenizer():

@@ -1,4 +1,4 @@
-"""Image-like tokenizers: a convolutional encoder, a quantiser, a convolutional decoder.
+"""Image-like tokenizers: a convolutional (or ViT) encoder, a quantiser, a convolutional (or ViT) decoder.
 
 The quantisers come from vector-quantize-pytorch (maintained, MIT): FSQ (finite scalar quantisation; levels
 [8,5,5,5] = 1,000 codes, [8,8,8,5,5,5] = 64,000), and VQ with a cosine-similarity codebook of l2-normalised codes,
@@ -44,6 +44,34 @@ def decoder(latent: int, width: int, steps: int, out_channels: int) -> nn.Sequen
     return nn.Sequential(*layers, nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, out_channels, 3, padding=1))
 
 
+class ViTCoder(nn.Module):
+    """A ViT encoder or decoder on the grid of tokens (our transformer blocks, 2-D sin-cos positions).
+
+    Encoder: image [B, C, H, W] -> patches of `patch` pixels -> blocks -> latents [B, out, H/patch, W/patch].
+    Decoder: latents [B, C, h, w] -> blocks -> `patch` x `patch` pixels per token -> image [B, out, h*patch, w*patch].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, patch: int, width: int, depth: int, heads: int,
+                 decode: bool):
+        super().__init__()
+        from polymodal.models.transformer import Transformer
+
+        self.patch, self.decode, self.width = patch, decode, width
+        self.embed = nn.Conv2d(in_channels, width, 1 if decode else patch, stride=1 if decode else patch)
+        self.blocks = Transformer(width, depth, heads)
+        self.out = nn.Linear(width, out_channels * (patch * patch if decode else 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from polymodal.models.transformer import grid_positions, sincos_2d
+
+        x = self.embed(x)
+        b, _, h, w = x.shape
+        rows, cols = grid_positions(h, w, x.device)
+        tokens = x.flatten(2).transpose(1, 2) + sincos_2d(rows, cols, self.width).to(x.dtype)
+        y = self.out(self.blocks(tokens)).transpose(1, 2).reshape(b, -1, h, w)
+        return F.pixel_shuffle(y, self.patch) if self.decode else y
+
+
 class ImageTokenizer(Tokenizer, nn.Module):
     """Images [B, C, H, W] in [-1, 1] (or class ids [B, H, W] with `classes`) <-> token ids [B, H/f, W/f]."""
 
@@ -52,27 +80,38 @@ class ImageTokenizer(Tokenizer, nn.Module):
     def __init__(self, quantizer: str = "fsq", channels: int = 3, classes: int = 0, width: int = 64,
                  downsample: int = 4, levels: list[int] | None = None, codebook_size: int = 1024,
                  codebook_dim: int = 8, kmeans_init: bool = True, dead_code_threshold: float = 2.0,
-                 ema_decay: float = 0.8, commitment_weight: float = 0.25):
+                 ema_decay: float = 0.8, commitment_weight: float = 0.25, backbone: str = "conv",
+                 vit_depth: int = 4, vit_heads: int = 4):
         nn.Module.__init__(self)
         if quantizer not in ("fsq", "vq"):
             raise ValueError(f"quantizer must be 'fsq' or 'vq' (got {quantizer!r})")
         if downsample < 1 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of 2 (got {downsample})")
         if width % 8:
-            raise ValueError(f"width must be a multiple of 8 (GroupNorm's groups; got {width})")
+            raise ValueError(f"width must be a multiple of 8 (GroupNorm's groups, sin-cos positions; got {width})")
+        if backbone not in ("conv", "vit"):
+            raise ValueError(f"backbone must be 'conv' or 'vit' (got {backbone!r})")
+        if backbone == "vit" and width % vit_heads:
+            raise ValueError(f"width {width} is not divisible by vit_heads {vit_heads}")
         self.settings = dict(quantizer=quantizer, channels=channels, classes=classes, width=width,
                              downsample=downsample, levels=list(levels or [8, 5, 5, 5]), codebook_size=codebook_size,
                              codebook_dim=codebook_dim, kmeans_init=kmeans_init,
                              dead_code_threshold=dead_code_threshold, ema_decay=ema_decay,
                              commitment_weight=commitment_weight)
+        if backbone == "vit":  # recorded only when used, so conv tokenizers keep their fingerprints
+            self.settings.update(backbone=backbone, vit_depth=vit_depth, vit_heads=vit_heads)
         from vector_quantize_pytorch import FSQ, VectorQuantize
 
         steps = int(math.log2(downsample))
         latent = len(self.settings["levels"]) if quantizer == "fsq" else codebook_dim
         self.downsample, self.classes = downsample, classes
         self.embed_classes = nn.Embedding(classes, channels) if classes else None
-        self.encoder = encoder(channels, width, steps, latent)
-        self.decoder = decoder(latent, width, steps, classes or channels)
+        if backbone == "vit":
+            self.encoder = ViTCoder(channels, latent, downsample, width, vit_depth, vit_heads, decode=False)
+            self.decoder = ViTCoder(latent, classes or channels, downsample, width, vit_depth, vit_heads, decode=True)
+        else:
+            self.encoder = encoder(channels, width, steps, latent)
+            self.decoder = decoder(latent, width, steps, classes or channels)
         if quantizer == "fsq":
             self.quantizer = FSQ(levels=self.settings["levels"])
         else:

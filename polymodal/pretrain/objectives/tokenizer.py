@@ -31,6 +31,10 @@ class TokenizerConfig:
     downsample: int = 4
     # Codes seen over this many recent batches count as used.
     usage_window: int = 50
+    # conv (ResNet-style convolutions) or vit (our transformer blocks on the token grid, vit_depth each side).
+    backbone: str = "conv"
+    vit_depth: int = 4
+    vit_heads: int = 4
 
 
 @dataclass
