@@ -103,7 +103,7 @@ class _PeerSamples:
             name = shard_name(url)
             for index, raw in iter_shard(url, None):
                 sample = self.job.decode(raw, sample_rng(0, name, index))
-                yield name, raw["__key__"], sample["rgb"], sample["crops"]
+                yield name, raw["__key__"], torch.from_numpy(sample["rgb"]), sample["crops"]
 
 
 def peer(args, urls: list[str], run: str, out: Path) -> int:

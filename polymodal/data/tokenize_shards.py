@@ -155,8 +155,10 @@ class TokenizeJob(ShardJob):
             img = modality.decode(raw[ext], ext, self.opts.max_image_pixels)
             if boxes is None:
                 boxes = self.boxes(*img.size, rng)
+            # As numpy: sent to this process pickled in one piece, where torch would give every sample's tensor
+            # a shared-memory segment of its own (slower than the crop itself for small images).
             sample[name] = torch.stack([crop_resize(img, box[:4], (size, size), modality, box[4])
-                                        for box in boxes])
+                                        for box in boxes]).numpy()
         if boxes is not None:
             sample["crops"] = np.array(boxes, dtype=np.float32)
         for name in self.text_models:
@@ -177,7 +179,7 @@ class TokenizeJob(ShardJob):
             rows = [i for i, s in enumerate(samples) if name in s]
             if not rows:
                 continue
-            pixels = torch.cat([samples[i][name] for i in rows])  # [rows * crops, C, S, S]
+            pixels = torch.from_numpy(np.concatenate([samples[i][name] for i in rows]))  # [rows * crops, C, S, S]
             inputs = objective.inputs({name: pixels}).contiguous(memory_format=torch.channels_last)
             ids = objective.tokenizer_model.encode(inputs)
             ids = ids.view(len(rows), self.opts.crops, *ids.shape[1:]).numpy()
