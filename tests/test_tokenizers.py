@@ -117,6 +117,7 @@ def test_a_tokenizer_trains_on_the_engine_with_its_metrics(config, cifar_test_sh
                                cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads(next((tmp_path / "eval").glob("*.json")).read_text())["metrics"]
+    assert next((tmp_path / "eval").glob("*.png")).stat().st_size > 1000  # held-out reconstructions
     assert metrics["images"] == 300 and 0 < metrics["ssim"] <= 1 and 0 < metrics["codebook_usage"] <= 1
     assert abs(metrics["psnr"] - last["psnr"]) < 3  # held-out images reconstruct about as well as training ones
 

@@ -76,7 +76,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         description="Evaluate a trained image tokenizer (a `polymodal pretrain` run of objective "
                                     "fsq or vqvae) on held-out shards: reconstruction loss, PSNR and SSIM "
                                     "(torchmetrics), the share of the codebook the set uses, and the perplexity of "
-                                    "its codes. Writes OUTPUT/<run>_tokenizer_reconstruction.json.",
+                                    "its codes. Writes OUTPUT/<run>_tokenizer_reconstruction.json, and .png: held-out "
+                                    "inputs over their reconstructions from tokens.",
                         epilog="example: polymodal tokenizer eval runs/tokenizer-fsq-cifar --dataset out/cifar10/test")
     ev.add_argument("run", help="a run folder (its model.safetensors) or an exported .safetensors file")
     ev.add_argument("--dataset", required=True, help="held-out shards: a folder, pattern or brace list")

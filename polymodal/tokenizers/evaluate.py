@@ -36,6 +36,7 @@ def evaluate_tokenizer(run: str, shards: str, batch_size: int = 256, limit: int 
     counts = torch.zeros(vocab, dtype=torch.long)
     sums = {"recon_loss": 0.0, "psnr": 0.0, "ssim": 0.0}
     seen, t0 = 0, time.perf_counter()
+    grid: list[torch.Tensor] = []  # the first held-out images and their reconstructions from tokens
     bar = progress_bar(total=limit, desc="tokenizer eval", unit="img", disable=not show_progress)
     with torch.no_grad():
         for batch in ShardLoader(cfg):
@@ -49,6 +50,8 @@ def evaluate_tokenizer(run: str, shards: str, batch_size: int = 256, limit: int 
                 sums["recon_loss"] += float(tok.reconstruction_loss(recon, x)) * n
             else:
                 recon = recon.float().clamp(-1, 1)
+                if not grid:
+                    grid = [x[:16].float(), recon[:16]]
                 per_image = (recon - x.float()).square().flatten(1).mean(1)
                 sums["recon_loss"] += float(per_image.sum())
                 sums["psnr"] += float((10 * torch.log10(4.0 / per_image.clamp_min(1e-10))).sum())
@@ -66,12 +69,20 @@ def evaluate_tokenizer(run: str, shards: str, batch_size: int = 256, limit: int 
                 "perplexity": float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum())), "vocab_size": vocab,
                 "images": seen, "image_size": size, "fingerprint": tok.fingerprint,
                 "seconds": round(time.perf_counter() - t0, 1)}
-    return {"model": str(run), "dataset": shards, "task": "tokenizer_reconstruction", "metrics": metrics}
+    return {"model": str(run), "dataset": shards, "task": "tokenizer_reconstruction", "metrics": metrics,
+            "grid": grid}
 
 
 def write_result(result: dict, output: str) -> Path:
+    """The JSON, and beside it a PNG of held-out inputs (top row) over their reconstructions from tokens."""
+    from torchvision.utils import save_image
+
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{Path(result['model']).name}_tokenizer_reconstruction.json"
+    stem = f"{Path(result['model']).name}_tokenizer_reconstruction"
+    grid = result.pop("grid", None)
+    if grid:
+        save_image(((torch.cat(grid) + 1) / 2).clamp(0, 1), str(out / f"{stem}.png"), nrow=len(grid[0]), padding=2)
+    path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1))
     return path
