@@ -109,7 +109,7 @@ def test_a_tokenizer_trains_on_the_engine_with_its_metrics(config, cifar_test_sh
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     assert last["psnr"] > first["psnr"] + 3  # it learns to reconstruct real images
-    assert 0 < last["codebook_usage"] <= 1 and last["perplexity"] > 10
+    assert 0 < last["codebook_usage"] <= 1 and last["perplexity"] > 10 and last["ssim"] > first["ssim"]
     assert list(run.glob("**/*.png"))  # reconstruction pictures
     evaluated = subprocess.run(polymodal_cmd() + ["tokenizer", "eval", str(run), "--dataset",
                                                   str(cifar_test_shards / "test"), "--limit", "300", "-q",
@@ -143,3 +143,37 @@ def test_vq_tokenizer_training_resumes_exactly(cifar_test_shards, tmp_path):
     assert (tmp_path / "parts" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     resumed = pretrain(tmp_path / "parts", "steps=8", "resume=latest")
     assert len(whole) == 8 and resumed == whole, (whole, resumed)
+
+
+def test_vq_tokenizer_trains_at_zero_2_in_bf16_on_two_ranks(cifar_test_shards, tmp_path):
+    """ZeRO-2 and bf16 on two torchrun ranks: the EMA codebook (buffers, updated in forward) stays in step."""
+    import sys
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "polymodal", "pretrain", str(REPO / "configs" / "tokenizer-vq-cifar.yaml"),
+                           f"data.shards={cifar_test_shards / 'test'}", f"run_dir={run}", "steps=12",
+                           "zero_stage=2", "precision=bf16", "data.batch_size=32", "data.num_workers=1",
+                           "log.progress=false", "log.images_every=0", "checkpoint.every=0", "objective.width=16",
+                           "optim.warmup_steps=2"],
+                          cwd=REPO, env=subprocess_env() | {"DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["psnr"] > rows[0]["psnr"] + 2 and rows[-1]["codebook_usage"] > 0.05
+    from polymodal.pretrain.export import load_exported
+
+    objective = load_exported(run / "model.safetensors")
+    assert objective.tokenizer_model.vocab_size == 1024
+
+
+def test_a_64000_code_fsq_writes_uint16_tokens():
+    """FSQ [8,8,8,5,5,5] has 64,000 codes: uint16 holds them (ml-4m's int16 would not)."""
+    import numpy as np
+
+    from polymodal.data.tokenize_shards import token_dtype
+
+    tok = ImageTokenizer("fsq", width=16, levels=[8, 8, 8, 5, 5, 5]).eval()
+    ids = tok.encode(torch.rand(64, 3, 16, 16) * 2 - 1)
+    assert tok.vocab_size == 64000 and token_dtype(tok.vocab_size) == np.uint16 and token_dtype(70000) == np.int32
+    assert np.array_equal(ids.numpy().astype(token_dtype(tok.vocab_size)).astype(np.int64), ids.numpy())

@@ -2,7 +2,8 @@
 
 The loss is the reconstruction error (MSE on images scaled to [-1, 1]; cross-entropy for categorical maps) plus
 VQ's commitment loss. Logged per step: PSNR, the share of the codebook used over the last `usage_window` batches,
-and the perplexity of this batch's codes. Like every objective: ZeRO, bf16 and exact resume come from the engine.
+and the perplexity of this batch's codes; SSIM (torchmetrics) for images. Like every objective: ZeRO, bf16 and
+exact resume come from the engine.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class TokenizerObjective(Objective):
         metrics = {"loss": rec + aux, "recon_loss": rec.detach()}
         if not self.config.classes:  # images span 2 (from -1 to 1): PSNR = 10 log10(2^2 / MSE)
             metrics["psnr"] = (10 * torch.log10(4.0 / rec.detach().clamp_min(1e-10)))
+            if x.shape[-1] >= 11:  # SSIM's Gaussian window is 11 pixels wide
+                from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+                with torch.no_grad():
+                    metrics["ssim"] = ssim(recon.detach().float().clamp(-1, 1), x.float(), data_range=2.0)
         with torch.no_grad():
             counts = torch.bincount(ids.flatten(), minlength=self.tokenizer_model.vocab_size).float()
             p = counts / counts.sum()
