@@ -61,3 +61,42 @@ def test_collate_fills_absent_rows_by_type():
     assert batch["a"].shape == (3, 2, 3) and batch["n"].tolist() == [3, 0, 5]
     assert batch["s"] == ["x", "y", None] and batch["s_present"].tolist() == [True, True, False]
     assert "a_present" not in collate(samples[:1])  # every sample has it: no mask
+
+
+def test_captions_missing_for_a_third_and_derived_edges_for_another_third(captions_for_two_thirds, tmp_path):
+    """Real Canny edges of the same emoji, in a joined shard set that lacks every third sample from key 1 on: both
+    optional modalities get their own presence mask, and every sample still arrives."""
+    import numpy as np
+
+    from polymodal.data import derive
+    from polymodal.data.writer import ShardFile
+    from polymodal.modalities import open_rgb, png_bytes, rgb_tensor
+
+    shard, no_caption = captions_for_two_thirds
+    edges_dir = tmp_path / "edges"
+    edges_dir.mkdir()
+    out, no_edges = ShardFile(edges_dir / shard.name), set()
+    with tarfile.open(shard) as src:
+        for member in src:
+            key, ext = member.name.split(".", 1)
+            if ext != "png":
+                continue
+            if int(key) % 3 == 1:
+                no_edges.add(key)
+                continue
+            rgb = rgb_tensor(open_rgb(src.extractfile(member).read()))[None]
+            out.add(key, {"edges.png": png_bytes((derive.edges(rgb)[0, 0].numpy() * 255).astype(np.uint8))})
+    out.close()
+    loader = ShardLoader(DataConfig(shards=[str(shard)], join=[str(edges_dir)], modalities=["rgb"],
+                                    optional_modalities=["caption", "edges"], image_size=32, batch_size=16,
+                                    num_workers=1, shuffle_buffer=50))
+    keys = []
+    for batch in loader:
+        everyone = torch.ones(len(batch["__key__"]), dtype=torch.bool)  # a batch that is not mixed has no mask
+        for i, key in enumerate(batch["__key__"]):
+            assert bool(batch.get("caption_present", everyone)[i]) == (key not in no_caption)
+            assert bool(batch.get("edges_present", everyone)[i]) == (key not in no_edges)
+            assert (batch["edges"][i].sum() > 0) == (key not in no_edges)  # real edges, zeros when absent
+        keys += batch["__key__"]
+    assert len(keys) == 500 and len(no_edges) > 150 and not no_edges & no_caption
+    assert loader.skip_counts() == {}
