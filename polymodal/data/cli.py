@@ -144,7 +144,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     opts = TokenizeOptions(crops=args.crops, crop_scale=tuple(args.crop_scale), batch_size=args.batch_size,
                            eos=not args.no_eos)
-    job = TokenizeJob(_pairs(args.tokenizer, "--tokenizer"), _pairs(args.text, "--text"), opts, seed=args.seed)
+    job = TokenizeJob(_pairs(args.tokenizer, "--tokenizer"), _pairs(args.text, "--text"), opts, seed=args.seed,
+                      device=args.device)
     result = map_shards(args.shards, args.out_dir, job, resume=args.resume, overwrite=args.overwrite,
                         workers=args.workers, seed=args.seed, show_progress=not args.quiet, desc="tokenize")
     done = "all shards done" if result["stats"] else "other ranks still working"
@@ -336,6 +337,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                      help="area range of the random crops (crop 0 is always the centre crop)")
     tok.add_argument("--no-eos", action="store_true", help="do not end text token sequences with [EOS]")
     tok.add_argument("--batch-size", type=int, default=128, help="samples encoded at once")
+    tok.add_argument("--device", default="cpu",
+                     help="where image tokenizers encode (cpu: in the loader workers too; cuda: in this process)")
     tok.add_argument("--workers", type=int, default=2, help="loader processes reading and decoding shards")
     tok.add_argument("--seed", type=int, default=0, help="seed of the random crops")
     tok.add_argument("--resume", action="store_true", help="continue: keep finished shards, redo the rest")

@@ -7,7 +7,8 @@ touches the shards that exist.
 
 How it runs:
 - Loader workers read and decode the source shards (one worker per shard at a time); this process runs the
-  batched work (a derivation, a tokenizer) and writes. Samples keep their source order.
+  batched work (a derivation, a tokenizer) and writes, or, for a job that sets `process_in_workers` (CPU work),
+  the workers run it too and this process only writes. Samples keep their source order.
 - Ranks split the shards (rank r takes every R-th), so `torchrun` spreads a job over nodes.
 - The unit of resume is a shard: its outputs are written as `.tmp`, renamed when whole, and only then is
   `OUT/_progress/<name>.json` written. A job resumed after `kill -9` redoes the shards without a marker, and
@@ -48,6 +49,9 @@ class ShardJob:
 
     sets: tuple[str, ...] = ()
     batch_size: int = 64
+    # Run `process` in the loader workers too (each with one torch thread), so CPU work spreads over processes
+    # instead of torch's threads in this one; for CPU-bound jobs. This process then only writes.
+    process_in_workers: bool = False
 
     def settings(self) -> dict:
         """Everything that changes the output; resuming with other settings is refused."""
@@ -96,9 +100,15 @@ class _SourceShards(IterableDataset):
                     skip = skip_reason(exc)
                     counter.add(skip.reason, f"{url} key {raw['__key__']}: {skip.detail}")
                 if len(batch) == self.job.batch_size:
-                    yield {"shard": name, "samples": batch, "done": False}
+                    yield self._batch(name, batch, done=False)
                     batch = []
-            yield {"shard": name, "samples": batch, "done": True, "skips": counter.as_dict()}
+            yield {**self._batch(name, batch, done=True), "skips": counter.as_dict()}
+
+    def _batch(self, name: str, batch: list[tuple[str, Any]], done: bool) -> dict:
+        if not self.job.process_in_workers:
+            return {"shard": name, "samples": batch, "read": len(batch), "done": done}
+        processed, failures = process_batch(self.job, batch, name)
+        return {"shard": name, "processed": processed, "failures": dict(failures), "read": len(batch), "done": done}
 
 
 def _unbatched(batch: Any) -> Any:
@@ -252,8 +262,8 @@ def map_shards(spec: str | list[str], out_dir: str | Path, job: ShardJob, *, res
             for item in loader:
                 shard = open_shards.get(item["shard"]) or open_shards.setdefault(
                     item["shard"], _OpenShard(out, item["shard"], job.sets))
-                written += _write_batch(job, shard, item["samples"])
-                bar.update(len(item["samples"]))
+                written += _write_batch(job, shard, item)
+                bar.update(item["read"])
                 if item["done"]:
                     shard.failures.update(item["skips"])
                     failures.update(shard.failures)
@@ -266,22 +276,35 @@ def map_shards(spec: str | list[str], out_dir: str | Path, job: ShardJob, *, res
             "failures": dict(failures), "seconds": round(time.monotonic() - started, 2), "stats": stats}
 
 
-def _write_batch(job: ShardJob, shard: _OpenShard, samples: list[tuple[str, Any]]) -> int:
-    """Process and write one batch; a batch that fails is redone sample by sample so only the bad one is lost."""
+def process_batch(job: ShardJob, samples: list[tuple[str, Any]], where: str
+                  ) -> tuple[list[tuple[str, dict[str, Members]]], Counter]:
+    """(key, members per set) for a batch, and the skips; a batch that fails is redone sample by sample so only
+    the bad one is lost."""
+    failures: Counter = Counter()
     if not samples:
-        return 0
+        return [], failures
     try:
-        results = list(zip(samples, job.process([s for _, s in samples])))
+        return [(key, out) for (key, _), out in zip(samples, job.process([s for _, s in samples]))], failures
     except Exception:
         results = []
         for key, sample in samples:
             try:
-                results.append(((key, sample), job.process([sample])[0]))
+                results.append((key, job.process([sample])[0]))
             except Exception as exc:
                 skip = skip_reason(exc)
-                shard.failures[skip.reason] += 1
-                log.warning("skipped (%s) %s key %s: %s", skip.reason, shard.name, key, skip.detail)
-    for (key, _), per_set in results:
+                failures[skip.reason] += 1
+                log.warning("skipped (%s) %s key %s: %s", skip.reason, where, key, skip.detail)
+        return results, failures
+
+
+def _write_batch(job: ShardJob, shard: _OpenShard, item: dict) -> int:
+    """Write one batch from the workers: processed there (`process_in_workers`) or processed here now."""
+    if "processed" in item:
+        results, failures = item["processed"], Counter(item["failures"])
+    else:
+        results, failures = process_batch(job, item["samples"], shard.name)
+    shard.failures.update(failures)
+    for key, per_set in results:
         for s, members in per_set.items():
             shard.files[s].add(key, members)
         shard.samples += 1
