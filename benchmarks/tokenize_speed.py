@@ -4,8 +4,8 @@ then the encode speed of each image tokenizer at batch 256.
 Part 1, images/s from source shards to token shards, timed in interleaved rounds (ours, peer, peer, ours, ...):
 
   ours  polymodal.data.shard_map.map_shards with TokenizeJob (what `polymodal data tokenize` runs): loader workers
-        read and decode whole shards and cut the crops, this process encodes batches and writes each shard's
-        token set as one tar, members in memory, no intermediate files
+        read and decode whole shards, cut the crops and, on the CPU, encode them too (one torch thread each);
+        this process writes each shard's token set as one tar, members in memory, no intermediate files
   peer  ml-4m's way (its save_vq_tokens.py, then a separate pass to tar): a torch DataLoader with the same number
         of workers decodes the same samples with the same crops, this process encodes the same batches with the
         same tokenizer, then np.save writes one .npy file per sample (the [crops, h, w] tokens) and one per
