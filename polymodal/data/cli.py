@@ -179,6 +179,16 @@ def cmd_modalities(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_shard_job_arguments(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    """The options every job that adds shard sets takes (polymodal/data/shard_map.py: derive, tokenize)."""
+    parser.add_argument("--workers", type=int, default=2, help="loader processes reading and decoding shards")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted job: keep finished shards, redo the others")
+    parser.add_argument("--overwrite", action="store_true", help="start again, replacing this job's output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """`polymodal data` and its subcommands."""
     data = commands.add_parser("data", help="write, inspect and stream WebDataset shards",
@@ -270,16 +280,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                              "list (default: classnames.txt in or above SHARDS, else label numbers)")
     derive.add_argument("--device", default="cpu", help="where derivations run (e.g. cuda)")
     derive.add_argument("--batch-size", type=int, default=64, help="images per derivation batch")
-    derive.add_argument("--workers", type=int, default=2, help="loader processes reading and decoding shards")
     derive.add_argument("--threads", type=int, default=1,
                         help="torch threads of the process that derives; 1 is fastest for small images (measured: "
                              "20x faster than 2 threads for CIFAR-10 on 2 busy cores); more helps large images and "
                              "effnet_* on idle cores")
-    derive.add_argument("--seed", type=int, default=0, help="seed of the k-means starts (per sample)")
-    derive.add_argument("--resume", action="store_true",
-                        help="continue an interrupted job: keep finished shards, redo the others")
-    derive.add_argument("--overwrite", action="store_true", help="start again, replacing what OUT_DIR holds")
-    derive.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_shard_job_arguments(derive, seed_help="seed of the k-means starts (per sample)")
     derive.set_defaults(func=cmd_derive)
 
     inspect = data_commands.add_parser(
@@ -339,11 +344,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     tok.add_argument("--batch-size", type=int, default=128, help="samples encoded at once")
     tok.add_argument("--device", default="cpu",
                      help="where image tokenizers encode (cpu: in the loader workers too; cuda: in this process)")
-    tok.add_argument("--workers", type=int, default=2, help="loader processes reading and decoding shards")
-    tok.add_argument("--seed", type=int, default=0, help="seed of the random crops")
-    tok.add_argument("--resume", action="store_true", help="continue: keep finished shards, redo the rest")
-    tok.add_argument("--overwrite", action="store_true", help="start again, replacing this job's output")
-    tok.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_shard_job_arguments(tok, seed_help="seed of the random crops")
     tok.set_defaults(func=cmd_tokenize)
 
     demo = data_commands.add_parser(

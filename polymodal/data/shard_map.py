@@ -260,8 +260,9 @@ def map_shards(spec: str | list[str], out_dir: str | Path, job: ShardJob, *, res
         open_shards: dict[str, _OpenShard] = {}
         try:
             for item in loader:
-                shard = open_shards.get(item["shard"]) or open_shards.setdefault(
-                    item["shard"], _OpenShard(out, item["shard"], job.sets))
+                if item["shard"] not in open_shards:
+                    open_shards[item["shard"]] = _OpenShard(out, item["shard"], job.sets)
+                shard = open_shards[item["shard"]]
                 written += _write_batch(job, shard, item)
                 bar.update(item["read"])
                 if item["done"]:

@@ -11,7 +11,6 @@ the sample's augmentation RNG, so a new epoch (or a repeat) picks afresh and a r
 from __future__ import annotations
 
 import json
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,6 @@ import numpy as np
 import torch
 
 from polymodal.data.errors import ConfigError, SampleSkipped
-
-log = logging.getLogger("polymodal.data")
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ def read_token_specs(folders: list[str]) -> dict[str, TokenSpec]:
 
 def check_tokens(name: str, array: np.ndarray, spec: TokenSpec | None) -> np.ndarray:
     """The array as int64 [crops, h, w] (image-like) or [length] (sequence); raises SampleSkipped('bad_tokens')."""
-    if array.dtype.kind not in "ui" or array.dtype.itemsize > 8:
+    if array.dtype.kind not in "ui":
         raise SampleSkipped("bad_tokens", f"{name}: dtype {array.dtype} is not an integer type")
     grid = spec.grid if spec else (None if array.ndim == 1 else tuple(array.shape[-2:]))
     if grid is None:
