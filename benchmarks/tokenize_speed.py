@@ -112,7 +112,8 @@ def peer(args, urls: list[str], run: str, out: Path) -> int:
     import webdataset as wds
     from torch.utils.data import DataLoader, IterableDataset
 
-    from polymodal.data.tokenize_shards import TokenizeJob, TokenizeOptions, load_image_tokenizer
+    from polymodal.data.tokenize_shards import TokenizeJob, TokenizeOptions
+    from polymodal.tokenizers.registry import load_image_tokenizer
 
     shutil.rmtree(out, ignore_errors=True)
     job = TokenizeJob({"rgb": run}, {}, TokenizeOptions(crops=args.crops))  # its decode and crops only

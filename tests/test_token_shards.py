@@ -81,7 +81,7 @@ def test_token_sets_mirror_the_source_and_record_their_tokenizer(tokenized_emoji
 
 def test_the_pipeline_joins_tokens_and_its_pixels_follow_the_stored_crop(tokenized_emoji, emoji_shards):
     """Re-encoding the rgb the pipeline cut gives exactly the stored tokens: the stored crop's box was applied."""
-    from polymodal.data.tokenize_shards import load_image_tokenizer
+    from polymodal.tokenizers.registry import load_image_tokenizer
     from polymodal.tokenizers.text import TextTokenizer
 
     root, _ = tokenized_emoji

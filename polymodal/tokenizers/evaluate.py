@@ -19,16 +19,10 @@ def evaluate_tokenizer(run: str, shards: str, batch_size: int = 256, limit: int 
 
     from polymodal.data.config import DataConfig
     from polymodal.data.pipeline import ShardLoader
-    from polymodal.pretrain.export import exported_metadata, load_exported
     from polymodal.progress import progress_bar
+    from polymodal.tokenizers.registry import load_image_tokenizer
 
-    path = Path(run) / "model.safetensors" if Path(run).is_dir() else Path(run)
-    if not path.is_file():
-        raise ConfigError(f"{run}: no exported weights (model.safetensors); run `polymodal checkpoint export` first")
-    objective = load_exported(path)
-    if not hasattr(objective, "tokenizer_model"):
-        raise ConfigError(f"{run} is a {objective.name!r} run, not an image tokenizer (fsq, vqvae)")
-    size = int(exported_metadata(path).get("polymodal.image_size", 0)) or None
+    objective, size = load_image_tokenizer(run)
     modality = objective.config.modality
     cfg = DataConfig(shards=[shards], join=list(join or []), modalities=[modality], image_size=size, augment=False,
                      batch_size=batch_size, num_workers=workers, shuffle_buffer=0)

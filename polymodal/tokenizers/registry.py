@@ -55,9 +55,22 @@ def _open_clip_bpe(model: str) -> Tokenizer:
     return OpenClipBPE(model or "ViT-B-32")
 
 
+def load_image_tokenizer(run: str):
+    """(objective with its tokenizer_model, training image size or None) of a trained fsq/vqvae run: a run folder
+    (its model.safetensors) or an exported file. The objective also knows how inputs are scaled (`inputs`)."""
+    from polymodal.pretrain.export import exported_metadata, load_exported
+
+    path = Path(run) / "model.safetensors" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ConfigError(f"{run}: no exported tokenizer weights (model.safetensors); train one with `polymodal "
+                          "pretrain configs/tokenizer-fsq-cifar.yaml`, or run `polymodal checkpoint export`")
+    objective = load_exported(path)
+    if not hasattr(objective, "tokenizer_model"):
+        raise ConfigError(f"{run} is a {objective.name!r} run, not an image tokenizer (fsq, vqvae)")
+    return objective, int(exported_metadata(path).get("polymodal.image_size", 0)) or None
+
+
 @register("image")
 def _image(run: str) -> Tokenizer:
     """The ImageTokenizer of a trained fsq/vqvae run (inputs in [-1, 1])."""
-    from polymodal.data.tokenize_shards import load_image_tokenizer
-
     return load_image_tokenizer(run)[0].tokenizer_model
