@@ -105,20 +105,25 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x += attn(norm(x)); [x += cross_attn(norm(x), context)]; x += mlp(norm(x))."""
+    """Pre-norm transformer block: [x += attn(norm(x))]; [x += cross_attn(norm(x), context)]; x += mlp(norm(x)).
+    `self_attention=False` with `cross_attention=True` is MultiMAE's decoder entry: cross-attention and MLP only."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, mlp: str = "gelu", bias: bool = True,
                  qk_norm: bool = False, layer_scale: float | None = None, drop_path: float = 0.0,
-                 cross_attention: bool = False, drop: float = 0.0, attn_drop: float = 0.0, backend: str = "auto"):
+                 cross_attention: bool = False, drop: float = 0.0, attn_drop: float = 0.0, backend: str = "auto",
+                 self_attention: bool = True):
         super().__init__()
         if mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu' (got {mlp!r})")
+        if not (self_attention or cross_attention):
+            raise ValueError("a block needs self-attention, cross-attention or both")
         hidden = int(dim * mlp_ratio)
         scale = (lambda: LayerScale(dim, layer_scale)) if layer_scale else nn.Identity  # noqa: E731
         path = (lambda: DropPath(drop_path)) if drop_path else nn.Identity  # noqa: E731
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, bias=bias)
-        self.attn = Attention(dim, heads, bias, qk_norm, attn_drop=attn_drop, proj_drop=drop, backend=backend)
-        self.ls1, self.drop_path1 = scale(), path()
+        if self_attention:
+            self.norm1 = nn.LayerNorm(dim, eps=1e-6, bias=bias)
+            self.attn = Attention(dim, heads, bias, qk_norm, attn_drop=attn_drop, proj_drop=drop, backend=backend)
+            self.ls1, self.drop_path1 = scale(), path()
         if cross_attention:
             self.norm_cross, self.norm_context = nn.LayerNorm(dim, eps=1e-6, bias=bias), nn.LayerNorm(dim, eps=1e-6, bias=bias)
             self.cross_attn = Attention(dim, heads, bias, qk_norm, cross=True, attn_drop=attn_drop, proj_drop=drop,
@@ -133,8 +138,9 @@ class Block(nn.Module):
                 context_packing: Packing | None = None, causal: Any = False, mask: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, rope: RotaryEmbedding2D | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), packing, causal=causal, mask=mask, rope=rope,
-                                                   positions=positions)))
+        if hasattr(self, "attn"):
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), packing, causal=causal, mask=mask, rope=rope,
+                                                       positions=positions)))
         if hasattr(self, "cross_attn"):
             if context is None:
                 raise ValueError("this block has cross-attention: pass context (and context_packing when packed)")

@@ -1,0 +1,84 @@
+"""Pictures of MultiMAE's work (`log.images_every`, `polymodal predict`): each modality's input, its masked input and
+the prediction, turned into RGB tiles of one size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def class_colours(classes: int, device) -> torch.Tensor:
+    """A fixed colour per class, [classes, 3] in [0, 1]; class 0 (background) black."""
+    colours = torch.rand(classes, 3, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.2
+    colours[0] = 0
+    return colours.to(device)
+
+
+def to_tiles(objective, name: str, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A modality's map (as the model takes it) -> RGB [B, 3, *size] in [0, 1]."""
+    spec = objective.specs[name]
+    if spec.classes:
+        tiles = class_colours(spec.classes, x.device)[x.long().clamp(0, spec.classes - 1)].permute(0, 3, 1, 2)
+    elif name == "rgb" and not objective.modality_configs[name].derive:
+        tiles = ((x.float() * objective.std + objective.mean) / 255).clamp(0, 1)
+    else:
+        first = x.float().mean(1, keepdim=True) if x.shape[1] != 1 else x.float()
+        lo = first.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        hi = first.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        tiles = ((first - lo) / (hi - lo).clamp_min(1e-6)).expand(-1, 3, -1, -1)
+    return F.interpolate(tiles, size=size, mode="nearest") if tuple(tiles.shape[-2:]) != tuple(size) else tiles
+
+
+def prediction_map(objective, name: str, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The decoder's patches as a map in the input's space: class ids for class maps; for per-patch normalised
+    targets, un-normalised with the true patch statistics (as MAE's pictures do)."""
+    from polymodal.pretrain.objectives.multimae import patchify, unpatchify
+
+    spec, loss = objective.specs[name], objective.modality_configs[name].loss
+    p, size = spec.patch_size, target.shape[-2:]
+    if spec.classes:
+        ids = predicted.unflatten(-1, (p * p, spec.classes)).argmax(-1).float()  # [B, N, p*p]
+        return unpatchify(ids, p, size)[:, 0].long()
+    if loss == "norm_mse":
+        truth = patchify(target.float(), p)
+        predicted = predicted * (truth.var(-1, keepdim=True) + 1e-6).sqrt() + truth.mean(-1, keepdim=True)
+    return unpatchify(predicted.float(), p, size)
+
+
+def hidden_pixels(objective, name: str, visible: torch.Tensor, shape) -> torch.Tensor:
+    """bool [B, 1, H, W], True where the modality's patch was hidden from the encoder."""
+    spec, model = objective.specs[name], objective.model
+    if name not in model.inputs:
+        return torch.ones(shape[0], 1, *shape[-2:], dtype=torch.bool, device=visible.device)
+    n = visible.shape[1] // len(model.inputs)
+    i = model.inputs.index(name)
+    h, w = shape[-2] // spec.patch_size, shape[-1] // spec.patch_size
+    grid = visible[:, i * n:(i + 1) * n].view(-1, 1, h, w)
+    return ~grid.repeat_interleave(spec.patch_size, 2).repeat_interleave(spec.patch_size, 3)
+
+
+def draw(objective, maps: dict[str, torch.Tensor], visible: torch.Tensor, out: dict, path: Path) -> Path:
+    from torchvision.utils import save_image
+
+    size = max((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0])
+    columns = []
+    for name, x in maps.items():
+        hidden = hidden_pixels(objective, name, visible, x.shape)
+        cover = hidden if objective.specs[name].classes else hidden.expand_as(x)
+        masked = x.masked_fill(cover[:, 0] if objective.specs[name].classes else cover, 0)
+        columns += [to_tiles(objective, name, x, size)]
+        grey_patches = F.interpolate(hidden.float(), size=size, mode="nearest").bool()
+        columns += [torch.where(grey_patches, 0.5, to_tiles(objective, name, masked, size))]
+        if name in out["predictions"]:
+            predicted = prediction_map(objective, name, out["predictions"][name], x)
+            shown = torch.where(hidden[:, 0] if objective.specs[name].classes else hidden.expand_as(x), predicted,
+                                x.to(predicted.dtype) if not objective.specs[name].classes else x)
+            columns += [to_tiles(objective, name, shown, size)]
+        else:
+            columns += [torch.zeros_like(columns[-1])]
+    rows = torch.stack(columns, 1).flatten(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows.float().cpu(), str(path), nrow=len(columns), padding=2)
+    return path
