@@ -154,10 +154,14 @@ def _timm_encoder(name: str, weights: str | None) -> Encoder:
 
     if name not in timm.list_models():
         raise ConfigError(f"model timm:{name}: not a timm model name")
-    model = timm.create_model(name, pretrained=False, num_classes=0)
+    if weights and not Path(weights).is_file():
+        raise ConfigError(f"model timm:{name}: weights file {weights} not found (nothing is downloaded)")
+    # A polymodal timm export says the shape it needs (timm.model_kwargs: a ViT's size, patch, width...) and the
+    # preprocessing it was trained with (timm.preprocess: mean, std, image_size).
+    metadata = _safetensors_metadata(weights) if weights and weights.endswith(".safetensors") else {}
+    kwargs = json.loads(metadata.get("timm.model_kwargs", "{}"))
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if weights:
-        if not Path(weights).is_file():
-            raise ConfigError(f"model timm:{name}: weights file {weights} not found (nothing is downloaded)")
         if weights.endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -169,8 +173,17 @@ def _timm_encoder(name: str, weights: str | None) -> Encoder:
         if missing:
             raise ConfigError(f"model timm:{name}: {weights} lacks {len(missing)} weights (e.g. {missing[0]})")
     cfg = model.pretrained_cfg
-    return Encoder(f"timm:{name}", model, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
-                   cfg.get("input_size", (3, 224, 224))[-1])
+    preprocess = json.loads(metadata.get("timm.preprocess", "{}"))
+    return Encoder(f"timm:{name}", model, preprocess.get("mean", cfg.get("mean", IMAGENET_MEAN)),
+                   preprocess.get("std", cfg.get("std", IMAGENET_STD)),
+                   preprocess.get("image_size", cfg.get("input_size", (3, 224, 224))[-1]))
+
+
+def _safetensors_metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
 
 
 def cache_identity(spec: str, seed: int) -> str:

@@ -84,7 +84,8 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, metadata: dict[
 
 # Export formats: `checkpoint export --format NAME` dispatches here. `polymodal` serves every objective; an
 # objective lists the others it supports in `Objective.export_formats`, and the module that knows the format
-# registers its converter next to the objective (open_clip in contrastive.py, timm in spark.py).
+# registers its converter next to the objective (open_clip in contrastive.py); `timm` calls the objective's
+# `timm_export` hook (SparK's convnets, MultiMAE's ViT).
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,15 @@ def polymodal_format(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if marker.get("image_size"):  # the training resolution, the default for evaluation
         metadata["polymodal.image_size"] = str(marker["image_size"])
     return consolidated_state_dict(path), metadata
+
+
+@register_export("timm", "timm_backbone.safetensors")
+def timm_format(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The pretrained image backbone as a timm state dict (the objective's `timm_export`): `timm.create_model` of
+    the model named in the metadata (`timm.model`, with `timm.model_kwargs` as JSON when the shape is not the
+    name's default) loads it with only the classifier head missing, and `polymodal eval --model timm:NAME:FILE`
+    evaluates it."""
+    return load_checkpoint_objective(path).timm_export(checkpoint.read_marker(path).get("image_size"))
 
 
 def load_checkpoint_objective(path: Path):

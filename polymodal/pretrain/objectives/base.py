@@ -97,6 +97,11 @@ class Objective(nn.Module):
         Returns the metrics (the same on every rank), or None when the objective has nothing to evaluate."""
         return None
 
+    def timm_export(self, image_size: int | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The image backbone as a timm state dict and its metadata (`timm.model`, optionally `timm.model_kwargs`
+        as JSON), for objectives that list "timm" in `export_formats`; `image_size` is the training resolution."""
+        raise ConfigError(f"--format timm: objective {self.name!r} has no timm backbone")
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward. Works for models that offer it (timm, open_clip)."""
         found = False

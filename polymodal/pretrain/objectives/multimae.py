@@ -28,6 +28,8 @@ from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
 from polymodal.pretrain.objectives.masking import draw_budget, draw_visible
 
 LOSSES = ("norm_mse", "mse", "l1", "ce")
+# The timm name the export is created with; model_kwargs set its size, patch, width, depth and heads.
+TIMM_VIT = "vit_tiny_patch16_224"
 
 
 def _derive_grey(rgb, labels, spec, **kw):
@@ -78,6 +80,9 @@ class ModalityConfig:
     # Default: norm_mse for rgb, ce for class maps, l1 otherwise.
     loss: str = ""
     weight: float = 1.0
+    # Image-like maps other than rgb are standardised per image (MultiMAE does so for depth); false keeps their
+    # values (uint8 maps scaled to [0, 1]), so predictions come back in the map's own units (PSNR, pictures).
+    standardize: bool = True
     input: bool = True  # the encoder may see it
     target: bool = True  # a decoder reconstructs it
 
@@ -126,6 +131,9 @@ class MultiMAEObjective(Objective):
         specs = [self._spec(name, m) for name, m in self.modality_configs.items()]
         if not any(s.input for s in specs) or not any(s.target for s in specs):
             raise ConfigError("config key 'objective.modalities': needs at least one input and one target modality")
+        if config.eval_modality not in self.modality_configs or not self.modality_configs[config.eval_modality].input:
+            raise ConfigError(f"config key 'objective.eval_modality': {config.eval_modality!r} is not an input "
+                              f"modality ({', '.join(n for n, m in self.modality_configs.items() if m.input)})")
         if config.eval_pool not in ("mean", "global"):
             raise ConfigError(f"config key 'objective.eval_pool': mean or global, got {config.eval_pool!r}")
         try:
@@ -211,7 +219,7 @@ class MultiMAEObjective(Objective):
 
     def prepare(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Each modality's model-ready map and a presence mask [B, M] over the input modalities. rgb is normalised
-        with mean/std; other image-like maps are standardised per image (MultiMAE does so for depth); class maps
+        with mean/std; other image-like maps are standardised per image unless `standardize: false`; class maps
         stay int64."""
         rgb = batch.get("rgb")
         labels = batch.get("label")
@@ -238,7 +246,12 @@ class MultiMAEObjective(Objective):
                 if x.shape[1] != spec.channels:
                     raise ConfigError(f"config key 'objective.modalities.{name}.channels': the adapter takes "
                                       f"{spec.channels} channels, the data has {x.shape[1]}")
-                x = self.normalize(x) if name == "rgb" and not m.derive else standardize(x)
+                if name == "rgb" and not m.derive:
+                    x = self.normalize(x)
+                elif m.standardize:
+                    x = standardize(x)
+                else:
+                    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             out[name] = x
             if spec.input:
                 present.append(torch.ones(len(x), dtype=torch.bool, device=x.device) if have is None
@@ -324,9 +337,11 @@ class MultiMAEObjective(Objective):
         cell = m.derive_kwargs.get("cell", 8) if m.derive == "hog" else 1
         return size[0] // cell, size[1] // cell
 
-    def timm_export(self, image_size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def timm_export(self, image_size: int | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         import json
 
+        if not image_size:
+            raise ConfigError("--format timm: the checkpoint does not record its image size (data.image_size)")
         modality = self.config.eval_modality
         if self.config.global_tokens != 1:
             raise ConfigError("config key 'objective.global_tokens': the timm export maps the one global token to "
@@ -338,7 +353,9 @@ class MultiMAEObjective(Objective):
                   "depth": self.config.depth, "num_heads": self.config.heads, "mlp_ratio": self.config.mlp_ratio,
                   "qk_norm": self.config.qk_norm, "global_pool": "avg" if self.config.eval_pool == "mean" else "token",
                   "fc_norm": False}
-        return state, {"timm.model": "vit_tiny_patch16_224", "timm.model_kwargs": json.dumps(kwargs)}
+        preprocess = {"mean": list(self.config.mean), "std": list(self.config.std), "image_size": image_size}
+        return state, {"timm.model": TIMM_VIT, "timm.model_kwargs": json.dumps(kwargs),
+                       "timm.preprocess": json.dumps(preprocess)}
 
     # ---------------------------------------------------------------------------------------------- pictures
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from polymodal.data.errors import ConfigError
 from polymodal.models.sparse_conv import SparseEncoder, upsample_mask
 from polymodal.models.spark_decoder import SparKDecoder
-from polymodal.pretrain.export import load_checkpoint_objective, register_export
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
 from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
@@ -150,6 +149,9 @@ class SparK(Objective):
         so `load_state_dict(..., strict=False)` reports only the head as missing."""
         return self.encoder.timm_state_dict()
 
+    def timm_export(self, image_size: int | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return self.backbone_state_dict(), {"timm.model": self.config.model}
+
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], path: str | Path | None, max_images: int = 8,
                    seed: int = 0) -> Path | None:
@@ -182,11 +184,3 @@ class SparK(Objective):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(unnormalised.clamp(0, 1).cpu(), str(path), nrow=len(columns), padding=2)
         return path
-
-
-@register_export("timm", "timm_backbone.safetensors")
-def timm_format(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The pretrained backbone as a timm state dict: `timm.create_model(name)` loads it with only the classifier
-    head missing, and `polymodal eval --model timm:NAME:FILE` evaluates it."""
-    objective = load_checkpoint_objective(path)
-    return objective.backbone_state_dict(), {"timm.model": objective.config.model}
