@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from polymodal.embed import cli as embed_cli
     from polymodal import info
     from polymodal.eval import cli as eval_cli
+    from polymodal.generate import cli as generate_cli
     from polymodal.pretrain import cli as pretrain_cli
     from polymodal.tokenizers import cli as tokenizer_cli
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_cli.add_commands(commands)
     eval_cli.add_commands(commands)
     embed_cli.add_commands(commands)
+    generate_cli.add_commands(commands)
     tokenizer_cli.add_commands(commands)
     info.add_commands(commands)
     return parser

@@ -102,6 +102,11 @@ class Objective(nn.Module):
         as JSON), for objectives that list "timm" in `export_formats`; `image_size` is the training resolution."""
         raise ConfigError(f"--format timm: objective {self.name!r} has no timm backbone")
 
+    def predict_files(self, given: dict[str, Path], targets: list[str], out: Path,
+                      image_size: int | None) -> Path:
+        """`polymodal predict`: fill `targets` from the modalities in the `given` image files; write a PNG."""
+        raise ConfigError(f"objective {self.name!r} does not predict modalities from others")
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward. Works for models that offer it (timm, open_clip)."""
         found = False

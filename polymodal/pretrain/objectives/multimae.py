@@ -357,6 +357,73 @@ class MultiMAEObjective(Objective):
         return state, {"timm.model": TIMM_VIT, "timm.model_kwargs": json.dumps(kwargs),
                        "timm.preprocess": json.dumps(preprocess)}
 
+    # ------------------------------------------------------------------------------------ cross-modal prediction
+
+    @torch.no_grad()
+    def predict(self, given: dict[str, torch.Tensor], targets: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Fill `targets` from the `given` modalities, every token of which is visible. `given` holds batches as the
+        data pipeline gives them (uint8 rgb [B, 3, H, W], maps [B, C, H, W], class maps [B, H, W]), keyed by the
+        objective's modality names. Returns each target as a map: class ids [B, H, W] for class maps; else values in
+        the space the model trained them in (normalised rgb, standardised or raw maps; per-patch normalised for
+        norm_mse targets, which have no absolute level to return)."""
+        from polymodal.pretrain.objectives.multimae_pictures import prediction_map
+
+        unknown = [n for n in given if n not in self.model.inputs]
+        if unknown:
+            raise ConfigError(f"given modality {unknown[0]!r} is not an input of this model "
+                              f"(inputs: {', '.join(self.model.inputs)})")
+        wrong = [t for t in targets if t not in self.model.targets]
+        if wrong or not targets:
+            raise ConfigError(f"target {wrong[0] if wrong else '(none)'!r}: this model decodes "
+                              f"{', '.join(self.model.targets)}")
+        batch = len(next(iter(given.values())))
+        maps = {}
+        for name, x in given.items():
+            spec, m = self.specs[name], self.modality_configs[name]
+            if spec.classes:
+                maps[name] = x.long()
+            elif name == "rgb" and not m.derive:
+                maps[name] = self.normalize(x)
+            else:
+                x = x if x.dim() == 4 else x[:, None]
+                maps[name] = standardize(x) if m.standardize else (x.float() / 255 if x.dtype == torch.uint8
+                                                                   else x.float())
+        size = next(iter(maps.values())).shape[-2:]
+        dtype = next(self.model.parameters()).dtype
+        device = self.mean.device
+        inputs = {}
+        for name in self.model.inputs:
+            spec = self.specs[name]
+            if name in maps:
+                inputs[name] = maps[name].to(device) if spec.classes else maps[name].to(device, dtype)
+            else:
+                shape = (batch, *self._map_size(name, size)) if spec.classes else (
+                    batch, spec.channels, *self._map_size(name, size))
+                inputs[name] = torch.zeros(shape, device=device, dtype=torch.long if spec.classes else dtype)
+        n = self._tokens_each(inputs)
+        visible = torch.zeros(batch, n * len(self.model.inputs), dtype=torch.bool, device=device)
+        for name in given:
+            i = self.model.inputs.index(name)
+            visible[:, i * n:(i + 1) * n] = True
+        out = self.model(inputs, visible, tuple(targets), self.config.packed)
+        result = {}
+        for t in targets:
+            like = inputs.get(t)
+            if like is None:
+                spec = self.specs[t]
+                like = torch.zeros(batch, *([] if spec.classes else [spec.channels]), *self._map_size(t, size),
+                                   device=device)
+            truth = None if self.modality_configs[t].loss == "norm_mse" else like
+            result[t] = prediction_map(self, t, out["predictions"][t], like, truth)
+        return result
+
+    def predict_files(self, given: dict[str, Path], targets: list[str], out: Path, image_size: int | None) -> Path:
+        from polymodal.pretrain.objectives.multimae_pictures import read_map, save_prediction
+
+        tensors = {name: read_map(path, self.specs.get(name), name, image_size) for name, path in given.items()}
+        predicted = self.predict(tensors, targets)
+        return save_prediction(self, tensors, predicted, out)
+
     # ---------------------------------------------------------------------------------------------- pictures
 
     @torch.no_grad()

@@ -31,20 +31,68 @@ def to_tiles(objective, name: str, x: torch.Tensor, size: tuple[int, int]) -> to
     return F.interpolate(tiles, size=size, mode="nearest") if tuple(tiles.shape[-2:]) != tuple(size) else tiles
 
 
-def prediction_map(objective, name: str, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The decoder's patches as a map in the input's space: class ids for class maps; for per-patch normalised
-    targets, un-normalised with the true patch statistics (as MAE's pictures do)."""
+def prediction_map(objective, name: str, predicted: torch.Tensor, like: torch.Tensor,
+                   truth: torch.Tensor | None) -> torch.Tensor:
+    """The decoder's patches [B, N, values] as a map shaped like `like`: class ids for class maps; for per-patch
+    normalised targets (norm_mse), un-normalised with the `truth`'s patch statistics as MAE's pictures do (left
+    normalised when there is no truth)."""
     from polymodal.pretrain.objectives.multimae import patchify, unpatchify
 
     spec, loss = objective.specs[name], objective.modality_configs[name].loss
-    p, size = spec.patch_size, target.shape[-2:]
+    p, size = spec.patch_size, like.shape[-2:]
     if spec.classes:
         ids = predicted.unflatten(-1, (p * p, spec.classes)).argmax(-1).float()  # [B, N, p*p]
         return unpatchify(ids, p, size)[:, 0].long()
-    if loss == "norm_mse":
-        truth = patchify(target.float(), p)
-        predicted = predicted * (truth.var(-1, keepdim=True) + 1e-6).sqrt() + truth.mean(-1, keepdim=True)
+    if loss == "norm_mse" and truth is not None:
+        patches = patchify(truth.float(), p)
+        predicted = predicted * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
     return unpatchify(predicted.float(), p, size)
+
+
+def read_map(path, spec, name: str, image_size: int | None) -> torch.Tensor:
+    """An image file as a batch of one, as the data pipeline gives the modality: uint8 [1, 3, S, S] (3 channels),
+    uint8 [1, 1, S, S] (one channel) or int64 class ids [1, S, S]; resized to `image_size` (nearest for classes)."""
+    import numpy as np
+    from PIL import Image
+
+    from polymodal.data.errors import ConfigError
+
+    if spec is None:
+        raise ConfigError(f"--input {name}: not a modality of this model")
+    with Image.open(path) as img:
+        if spec.classes:
+            img = img if img.mode in ("L", "P", "I", "I;16") else img.convert("L")
+            resample = Image.NEAREST
+        else:
+            img = img.convert("RGB" if spec.channels == 3 else "L")
+            resample = Image.BICUBIC
+        if spec.channels not in (1, 3) and not spec.classes:
+            raise ConfigError(f"--input {name}: a {spec.channels}-channel map cannot come from an image file")
+        if image_size and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), resample)
+        array = np.array(img)
+    if spec.classes:
+        return torch.from_numpy(array.astype(np.int64))[None]
+    x = torch.from_numpy(array)
+    return (x.permute(2, 0, 1) if x.dim() == 3 else x[None])[None].contiguous()
+
+
+def save_prediction(objective, given: dict[str, torch.Tensor], predicted: dict[str, torch.Tensor],
+                    path: Path) -> Path:
+    """One row per sample: each given modality, then each prediction."""
+    from torchvision.utils import save_image
+
+    size = max((tuple(x.shape[-2:]) for x in [*given.values(), *predicted.values()]), key=lambda s: s[0])
+    columns = []
+    for name, x in given.items():
+        shown = objective.normalize(x.to(objective.mean.device)) if name == "rgb" and not objective.specs[name].classes \
+            else x.to(objective.mean.device)
+        columns.append(to_tiles(objective, name, shown, size))
+    columns += [to_tiles(objective, name, x, size) for name, x in predicted.items()]
+    rows = torch.stack(columns, 1).flatten(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows.float().cpu(), str(path), nrow=len(columns), padding=2)
+    return path
 
 
 def hidden_pixels(objective, name: str, visible: torch.Tensor, shape) -> torch.Tensor:
@@ -72,7 +120,7 @@ def draw(objective, maps: dict[str, torch.Tensor], visible: torch.Tensor, out: d
         grey_patches = F.interpolate(hidden.float(), size=size, mode="nearest").bool()
         columns += [torch.where(grey_patches, 0.5, to_tiles(objective, name, masked, size))]
         if name in out["predictions"]:
-            predicted = prediction_map(objective, name, out["predictions"][name], x)
+            predicted = prediction_map(objective, name, out["predictions"][name], x, x)
             shown = torch.where(hidden[:, 0] if objective.specs[name].classes else hidden.expand_as(x), predicted,
                                 x.to(predicted.dtype) if not objective.specs[name].classes else x)
             columns += [to_tiles(objective, name, shown, size)]
