@@ -16,7 +16,7 @@
 #                      repository where it holds them, else wheels/data, where gpu_wheels.sh puts a copy)
 #   --budget SECONDS   all the parts together, setup included (default: 460); a part gets at most what is left
 #   --only "P ..."     run only these parts (setup always runs): pytest_gpu engine_overhead spark_step eval_speed
-#                      attention clip_step
+#                      attention clip_step multimae_step
 #   --python PY        the interpreter with torch (default: $PYTHON, else python3)
 #
 # It stops at once, with one line and a non-zero exit, before installing anything, when that Python cannot import
@@ -31,7 +31,7 @@ WHEELS=wheels
 DATA_ROOT=
 BUDGET=460
 DRY=0
-ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step tokenize_speed"
+ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step tokenize_speed multimae_step"
 OUT_DIR=${OUT:-gpu-check-out}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -112,6 +112,7 @@ PARTS=(
   "attention|100|attention.json|$QPY benchmarks/attention.py --device cuda --dtype bf16 --max-wait 0 --timeout 60 --out OUTDIR/attention.json"
   "clip_step|200|clip_step.json|$QPY benchmarks/clip_step.py --data emoji --workers 4 --steps 8 --warmup 4 --rounds 1 --retries 0 --max-wait 0 --peer-webdataset $PEER_WDS --work-dir $WORKQ/clip-step --out OUTDIR/clip_step.json"
   "tokenize_speed|60|tokenize_speed.json|$QPY benchmarks/tokenize_speed.py --device cuda --encode-only --out OUTDIR/tokenize_speed.json"
+  "multimae_step|120|multimae_step.json|$QPY benchmarks/multimae_step.py --device cuda --precision bf16 --image-size 224 --patch-size 16 --dim 768 --depth 12 --heads 12 --decoder-dim 256 --decoder-depth 2 --decoder-heads 8 --num-visible 98 --batch-size 64 --steps 20 --warmup 3 --rounds 2 --max-wait 0 --data-root $QDATA --shards-dir $WORKQ/cifar10-train2048 --out OUTDIR/multimae_step.json"
 )
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 unset DS_ACCELERATOR

@@ -55,8 +55,9 @@ written-out forward, whose every matrix product is visible to the counter; the s
 GPU torch knows the datasheet peak of, MFU.
 
 Check: before any training, both models (same weights) take the same batch with the SAME visible tokens (drawn
-once with our masking, handed to both), forward and backward: the losses must agree within --loss-tolerance
-(relative); the largest gradient difference is reported too. A difference is reported, not fatal.
+once with our masking, handed to both), forward and backward in fp32 (whatever --precision): the losses must agree
+within --loss-tolerance (relative); the largest gradient difference is reported too. A difference is reported, not
+fatal.
 
     python benchmarks/multimae_step.py                                 # 32 px, patch 4, dim 192 x 6, batch 64
     python benchmarks/multimae_step.py --peer-masking per-sample       # the peer masks sample by sample
@@ -349,7 +350,8 @@ def sync(device: torch.device) -> None:
 
 
 def loss_check(args, ours, peer, batch, device, tolerance: float) -> dict:
-    """Same weights, batch and visible tokens (drawn once with our masking): forward and backward on both."""
+    """Same weights, batch and visible tokens (drawn once with our masking): forward and backward on both, in
+    fp32."""
     m, n = len(ours.model.inputs), (args.image_size // args.patch_size) ** 2
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1)
@@ -361,8 +363,7 @@ def loss_check(args, ours, peer, batch, device, tolerance: float) -> dict:
     try:
         for side, model in (("ours", ours), ("peer", peer)):
             model.zero_grad(set_to_none=True)
-            with autocast(args, device):
-                loss = model(batch)["loss"]
+            loss = model(batch)["loss"]  # fp32 whatever --precision: a check of the math, not of bf16 kernels
             loss.backward()
             losses[side] = loss.item()
     finally:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import kornia.color  # noqa: F401
+import kornia.filters  # noqa: F401
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,9 @@ from polymodal.pretrain.objectives.base import Objective
 from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
 from polymodal.pretrain.objectives.masking import draw_budget, draw_visible
 
+# kornia (the derived modalities) is imported with this module, before any run starts: imported for the first time
+# inside a ZeRO-3 run, after DeepSpeed's zero.Init has patched nn.Module subclassing, kornia's generic model classes
+# fail to build (AttributeError: type object 'ModelBase' has no attribute '__parameters__').
 LOSSES = ("norm_mse", "mse", "l1", "ce")
 # The timm name the export is created with; model_kwargs set its size, patch, width, depth and heads.
 TIMM_VIT = "vit_tiny_patch16_224"
