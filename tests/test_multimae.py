@@ -193,6 +193,12 @@ def test_bad_configs_name_the_key(batches):
         build_objective(cfg.objective)(batches[0] | {"label": None})
 
 
+def test_a_config_gets_the_modalities_it_lists_and_rgb_alone_by_default():
+    cfg = load_pretrain_config(REPO / "configs" / "multimae-fmnist.yaml")
+    assert build_objective(cfg.objective).model.inputs == ["grey", "edges", "semseg"]
+    assert build_objective({"name": "multimae", **SMALL_MODEL}).model.inputs == ["rgb"]
+
+
 def test_shipped_configs_build_and_pass_their_checks():
     for name, params in (("multimae-cifar", 3.0e6), ("multimae-fmnist", 1.0e6), ("multimae-vitb", 80e6)):
         cfg = load_pretrain_config(REPO / "configs" / f"{name}.yaml")

@@ -95,7 +95,8 @@ class ModalityConfig:
 @dataclass
 class MultiMAEConfig:
     # name -> its settings; null leaves a modality of a config file out (`objective.modalities.edges=null`).
-    modalities: dict[str, Optional[ModalityConfig]] = field(default_factory=lambda: {"rgb": ModalityConfig()})
+    # Empty: rgb alone (MAE). (Not a default entry: a config's own mapping would be merged into it.)
+    modalities: dict[str, Optional[ModalityConfig]] = field(default_factory=dict)
     patch_size: int = 4
     dim: int = 192
     depth: int = 12
@@ -133,6 +134,8 @@ class MultiMAEObjective(Objective):
     def __init__(self, config: MultiMAEConfig):
         super().__init__(config)
         self.modality_configs = {name: m for name, m in config.modalities.items() if m is not None}
+        if not config.modalities:
+            self.modality_configs = {"rgb": ModalityConfig()}
         specs = [self._spec(name, m) for name, m in self.modality_configs.items()]
         if not any(s.input for s in specs) or not any(s.target for s in specs):
             raise ConfigError("config key 'objective.modalities': needs at least one input and one target modality")
