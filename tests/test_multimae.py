@@ -115,6 +115,19 @@ def test_packed_and_padded_paths_give_equal_losses_and_gradients(batches):
     assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(batches):
+    results = []
+    for recompute in (False, True):
+        objective = multimae(num_visible=[4, 60])
+        objective.set_grad_checkpointing(recompute)
+        torch.manual_seed(6)
+        out = objective(batches[2])
+        out["loss"].backward()
+        results.append((out["loss"], torch.cat([p.grad.flatten() for p in objective.parameters()
+                                                if p.grad is not None])))
+    assert torch.equal(results[0][0], results[1][0]) and torch.allclose(results[0][1], results[1][1], atol=1e-7)
+
+
 def test_loss_falls_on_real_cifar10(batches):
     objective = multimae()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=2e-3)
