@@ -3,8 +3,9 @@
 # accelerate but none of our other dependencies, and no package index, install the rest from wheels/ (made by
 # benchmarks/gpu_wheels.sh and carried along with the repository), then run every test marked `gpu` and the GPU
 # paths of five benchmarks, each under its own time limit and all within --budget seconds (default 460: the
-# whole script ends within 8 minutes). Each benchmark's JSON and gpu_check_summary.json (each part's command, exit
-# code, seconds and headline figures) go to OUT_DIR, with gpu_check.log (every part's output): 7 files.
+# whole script ends within 8 minutes). OUT_DIR gets three files (the device machine returns at most 8):
+# gpu_check_summary.json (each part's command, exit code, seconds and headline figures), gpu_check.log (every
+# part's output) and gpu_check_parts.tar.gz (each benchmark's whole JSON).
 #
 #   bash benchmarks/gpu_check.sh [OPTIONS] [OUT_DIR]     # OUT_DIR: default $OUT where set, else gpu-check-out
 #   bash benchmarks/gpu_check.sh --dry-run               # resolve the wheel list, print the commands; run nothing
@@ -16,7 +17,7 @@
 #                      repository where it holds them, else wheels/data, where gpu_wheels.sh puts a copy)
 #   --budget SECONDS   all the parts together, setup included (default: 460); a part gets at most what is left
 #   --only "P ..."     run only these parts (setup always runs): pytest_gpu engine_overhead spark_step eval_speed
-#                      attention clip_step multimae_step
+#                      attention clip_step tokenize_speed multimae_step
 #   --python PY        the interpreter with torch (default: $PYTHON, else python3)
 #
 # It stops at once, with one line and a non-zero exit, before installing anything, when that Python cannot import
@@ -177,4 +178,9 @@ json.dump({"wall_seconds": int(wall), "gpu": gpu, "torch": torch.__version__, "c
 EOF
 echo "=== summary ($(( SECONDS - T0 )) s in all)"
 "$PY" benchmarks/gpu_kit.py summary "$OUT_DIR" "$RECORDS" --pytest-log "$WORK/pytest_gpu.log" --extra "$WORK/extra.json"
+# One archive for the parts' JSONs: the device machine hands back at most 8 files.
+parts_json=$(cd "$OUT_DIR" && ls -1 -- *.json 2>/dev/null | grep -vx gpu_check_summary.json)
+if [ -n "$parts_json" ]; then
+  (cd "$OUT_DIR" && tar czf gpu_check_parts.tar.gz $parts_json && rm -f $parts_json)
+fi
 "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["ok"] else 1)' "$OUT_DIR/gpu_check_summary.json"

@@ -143,6 +143,11 @@ def _headline(name: str, report: dict) -> dict:
                 "gpu_goal_met": res.get("gpu_goal_met")} | {
             f"{t}_{k}": trainers.get(t, {}).get(k) for t in ("ours", "open_clip")
             for k in ("samples_per_s", "mfu", "data_wait_median")}
+    if name == "multimae_step":
+        return {"samples_per_s": report.get("samples_per_s"), "ratio": report.get("ratio"),
+                "ratio_per_round": report.get("ratio_per_round"), "mfu": report.get("mfu"),
+                "peak_mb": {side: entry.get("peak_mb") for side, entry in (report.get("peak_memory") or {}).items()},
+                "first_loss_match": report.get("loss_check", {}).get("match")}
     if name == "tokenize_speed":
         return {"encode_images_per_s": report.get("encode_images_per_s")}
     if name == "attention":
