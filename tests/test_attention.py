@@ -54,13 +54,15 @@ def padded_case(name):
 
 
 def packed_case(name):
-    lq = LENGTHS_Q
-    lk = LENGTHS_K if name == "cross" else LENGTHS_Q
+    lq = [5] * 4 if name.startswith("uniform") else LENGTHS_Q  # equal lengths: padding is a reshape, no mask
+    lk = LENGTHS_K if name in ("cross", "uniform-cross") else lq
     q, k, v = rand(sum(lq), H, D, seed=1), rand(sum(lk), H, D, seed=2), rand(sum(lk), H, D, seed=3)
     kw = {"cu_seqlens_q": Packing.from_lengths(lq).cu_seqlens}
-    if name == "cross":
+    if name in ("cross", "uniform-cross"):
+        lk = [3] * 4 if name == "uniform-cross" else lk
+        q, k, v = q, rand(sum(lk), H, D, seed=2), rand(sum(lk), H, D, seed=3)
         kw["cu_seqlens_k"] = Packing.from_lengths(lk).cu_seqlens
-    if name == "causal":
+    if name in ("causal", "uniform-causal"):
         kw["causal"] = True
     if name == "mixed-causal":  # 4M's decoder: sequence modalities causal, image-token modalities not
         kw["causal"] = torch.tensor([True, False, False, True, False])
@@ -68,13 +70,14 @@ def packed_case(name):
 
 
 PADDED = ["plain", "bool-mask", "float-mask", "key-padding", "causal", "causal-mask"]
-PACKED = ["self", "cross", "causal", "mixed-causal"]
+PACKED = ["self", "cross", "causal", "mixed-causal", "uniform", "uniform-cross", "uniform-causal"]
 
 # What each CPU backend cannot do here; every such request must be a clear AttentionError.
 REFUSED = {
     ("nested", "padded"): "packed input",
     ("nested", "causal"): "causal",
     ("nested", "mixed-causal"): "causal",
+    ("nested", "uniform-causal"): "causal",
 }
 
 

@@ -303,8 +303,9 @@ def _sdpa(req: _Request, backend: str) -> torch.Tensor:
     q, k, v, mask, causal = req.q, req.k, req.v, req.mask, req.causal
     if req.packed:
         q, k, v = _pad(q, req.packed_q), _pad(k, req.packed_k), _pad(v, req.packed_k)
-        mask = (torch.arange(k.shape[2], device=k.device)[None] < req.packed_k.lengths[:, None])[:, None, None]
-        if causal:
+        mask = None if _uniform(req.k, req.packed_k) else (
+            torch.arange(k.shape[2], device=k.device)[None] < req.packed_k.lengths[:, None])[:, None, None]
+        if causal and mask is not None:  # (equal lengths need no mask: SDPA's causal flag does it)
             mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             causal = False
     elif causal and mask is not None:  # SDPA takes one or the other
@@ -323,17 +324,28 @@ def _sdpa(req: _Request, backend: str) -> torch.Tensor:
         raise AttentionError(f"attention backend {backend!r} cannot run this request on {q.device.type} "
                              f"({q.dtype}, {'masked' if mask is not None else 'unmasked'}): torch says "
                              f"{str(exc).splitlines()[0]}; use backend 'sdpa' to let torch choose") from None
-    return _unpad(out, req.packed_q) if req.packed else out
+    return _unpad(out, req.packed_q, _uniform(req.q, req.packed_q)) if req.packed else out
+
+
+def _uniform(x: torch.Tensor, packing: Packing) -> bool:
+    """Whether every packed sequence has the longest one's length (known from shapes alone, with no device sync):
+    then padding is a reshape and needs no mask (MultiMAE's decoder queries, a fixed visible count)."""
+    return x.shape[0] == (len(packing.cu_seqlens) - 1) * packing.max_seqlen
 
 
 def _pad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """[T, H, D] -> [n, H, max_len, D], zeros after each sequence."""
+    if _uniform(x, packing):
+        return x.view(-1, packing.max_seqlen, *x.shape[1:]).transpose(1, 2)
     out = x.new_zeros(len(packing.lengths), packing.max_seqlen, *x.shape[1:])
     out = out.index_put((packing.sequence_ids(), packing.positions()), x)
     return out.transpose(1, 2)
 
 
-def _unpad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
+def _unpad(x: torch.Tensor, packing: Packing, uniform: bool = False) -> torch.Tensor:
+    """[n, H, max_len, D] -> [T, H, D]; `uniform`: every sequence is max_len long (see `_uniform`)."""
+    if uniform:
+        return x.transpose(1, 2).flatten(0, 1)
     return x.transpose(1, 2)[packing.sequence_ids(), packing.positions()]
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from polymodal.models.attention import Packing
-from polymodal.models.transformer import Block, Linear, Transformer, grid_positions, sincos_2d
+from polymodal.models.transformer import Block, Linear, Transformer, grid_positions, sincos_2d, sincos_grid
 
 
 @dataclass(frozen=True)
@@ -113,16 +113,17 @@ class OutputAdapter(nn.Module):
         self.blocks = Transformer(dim, depth, heads, mlp_ratio=mlp_ratio, backend=backend)
         self.head = Linear(dim, spec.values_per_patch)
 
-    def forward(self, encoded: torch.Tensor, visible: Visible, positions: torch.Tensor, segment: torch.Tensor,
+    def forward(self, encoded: torch.Tensor, visible: Visible, grid: tuple[int, int], segment: torch.Tensor,
                 span: tuple[int, int], global_tokens: int) -> torch.Tensor:
-        """`encoded`: the encoder's output at the visible tokens (packed or padded, as `visible`); `positions`
-        [N, 2] (row, col) of every token and `segment` [N] its modality; `span` this modality's [start, end) in N.
-        Returns [B, N_m, values per patch]."""
+        """`encoded`: the encoder's output at the visible tokens (packed or padded, as `visible`); every modality's
+        tokens cover the same `grid`, and `segment` [N] gives each token's modality; `span` is this modality's
+        [start, end) in N. Returns [B, N_m, values per patch]."""
         batch = visible.keep.shape[0]
         context = self.proj_context(encoded)
         dim = context.shape[-1]
+        positions = sincos_grid(*grid, dim, context.device).repeat(len(segment) // (grid[0] * grid[1]), 1)
         embed = torch.cat([torch.zeros(global_tokens, dim, device=context.device),  # global tokens: no position
-                           sincos_2d(positions[:, 0], positions[:, 1], dim) + self.modality_embed[segment].float()])
+                           positions + self.modality_embed[segment].float()])
         embed = embed.to(context.dtype).expand(batch, -1, -1)
         fill = self.mask_token.to(context.dtype).expand(batch, visible.keep.shape[1], dim)
         full = visible.scatter(context, fill) if self.own_tokens else fill
@@ -189,12 +190,11 @@ class MultiMAE(nn.Module):
             spans[name] = (start, start + t.shape[1])
             start += t.shape[1]
             tokens.append(t)
-        rows, cols = grid_positions(*grid, device=self.global_tokens.device)
-        per_modality = rows.numel()
-        positions = torch.stack([rows, cols], 1).repeat(len(self.inputs), 1)  # [N, 2]
-        segment = torch.arange(len(self.inputs), device=rows.device).repeat_interleave(per_modality)
+        device = self.global_tokens.device
+        segment = torch.arange(len(self.inputs), device=device).repeat_interleave(grid[0] * grid[1])
+        positions = sincos_grid(*grid, self.dim, device).repeat(len(self.inputs), 1)  # [N, dim]
         x = torch.cat(tokens, 1)
-        x = x + (sincos_2d(positions[:, 0], positions[:, 1], self.dim) + self.modality_embed[segment].float()).to(x.dtype)
+        x = x + (positions + self.modality_embed[segment].float()).to(x.dtype)
         batch = x.shape[0]
         x = torch.cat([self.global_tokens.to(x.dtype).expand(batch, -1, -1), x], 1)
         if visible is None:
@@ -205,7 +205,7 @@ class MultiMAE(nn.Module):
         keep = Visible(torch.cat([torch.ones(batch, self.global_count, dtype=torch.bool, device=x.device), visible],
                                  1), packed)
         encoded = self.encoder(keep.select(x), **keep.attention_kwargs())
-        predictions = {name: self.decoders[name](encoded, keep, positions, segment, spans[name], self.global_count)
+        predictions = {name: self.decoders[name](encoded, keep, grid, segment, spans[name], self.global_count)
                        for name in targets}
         return {"encoded": encoded, "visible": keep, "grid": grid, "spans": spans, "predictions": predictions}
 

@@ -15,6 +15,7 @@ Weights are initialised inside each layer's own constructor (`Linear.reset_param
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -195,6 +196,15 @@ def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([sincos_1d(rows, dim // 2), sincos_1d(cols, dim // 2)], -1)
 
 
+@functools.lru_cache(maxsize=64)
+def sincos_grid(height: int, width: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`sincos_2d` of a height x width grid, row-major, [height * width, dim] float32; cached per grid, width and
+    device (models call it every step). Shared: add to it, never write into it."""
+    with torch.inference_mode(False):  # a table first made under inference mode must still serve training
+        rows, cols = grid_positions(height, width, device)
+        return sincos_2d(rows, cols, dim)
+
+
 def grid_positions(height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column index of each patch of a height x width grid, row-major: two [height * width] tensors."""
     rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
@@ -248,4 +258,4 @@ def attention_flops(lengths_q, lengths_k, heads: int, head_dim: int) -> float:
 
 
 __all__ = ["Attention", "Block", "LearnedPositions", "Linear", "Mlp", "RotaryEmbedding2D", "SwiGLU", "Transformer",
-           "attention_flops", "grid_positions", "sincos_1d", "sincos_2d"]
+           "attention_flops", "grid_positions", "sincos_1d", "sincos_2d", "sincos_grid"]
