@@ -216,7 +216,7 @@ class ReferenceMultiMAE(MultiMAEObjective):
             t = model.adapters[name].proj(maps[name].to(dtype)).flatten(2).transpose(1, 2)
             tokens.append(t + (self.pos_enc + model.modality_embed[i].float()).to(t.dtype))
         segments = [t.shape[1] for t in tokens]
-        B, N = tokens[0].shape[0], sum(segments)
+        B = tokens[0].shape[0]
         if self.preset_visible is None:
             alphas = self.alpha if isinstance(self.alpha, list) else [float(self.alpha)] * len(segments)
             mask_all, ids_keep, ids_restore = self.masking(B, segments, self.budget, alphas, tokens[0].device)

@@ -13,12 +13,11 @@ Adding a modality is a config entry: `objective.modalities.<name>: {channels, cl
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import kornia.color  # noqa: F401
-import kornia.filters  # noqa: F401
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +31,8 @@ from polymodal.pretrain.objectives.masking import draw_budget, draw_visible
 # kornia (the derived modalities) is imported with this module, before any run starts: imported for the first time
 # inside a ZeRO-3 run, after DeepSpeed's zero.Init has patched nn.Module subclassing, kornia's generic model classes
 # fail to build (AttributeError: type object 'ModelBase' has no attribute '__parameters__').
+importlib.import_module("kornia")
+
 LOSSES = ("norm_mse", "mse", "l1", "ce")
 # The timm name the export is created with; model_kwargs set its size, patch, width, depth and heads.
 TIMM_VIT = "vit_tiny_patch16_224"
