@@ -158,3 +158,43 @@ def add_quiet_options(parser, disturbed: str | None = None, max_other_load: floa
     parser.add_argument("--max-wait", type=float, default=max_wait,
                         help=f"seconds to wait for other processes to go quiet before each run (default: "
                              f"{max_wait_default})")
+
+
+def cifar_train_shards(args, repo: Path) -> Path:
+    """The first --limit CIFAR-10 training images as shards in --shards-dir/train (from --data-root), written once
+    and reused while their stats.json exists."""
+    import subprocess
+    import sys
+
+    out = Path(args.shards_dir)
+    train = out / "train"
+    if (train / "stats.json").exists() and any(train.glob("*.tar")):
+        return train
+    source = Path(args.data_root) / "cifar10" / "train.tar.gz"
+    if not source.exists():
+        sys.exit(f"{source} not found: pass --data-root (the folder holding cifar10/train.tar.gz)")
+    command = [sys.executable, "-m", "polymodal", "data", "shards", str(source), str(out), "--split", "train",
+               "--limit", str(args.limit), "--overwrite", "-q"]
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True, cwd=repo)
+    print(f"[shards] python {' '.join(command[1:])} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return train
+
+
+def preload_batches(args, shard_dir: Path, count: int, device, crop_scale: tuple[float, float],
+                    keys: tuple[str, ...] = ("rgb",)) -> list[dict]:
+    """`count` full batches of rgb from our ShardLoader (RandomResizedCrop at `crop_scale` to --image-size, flip),
+    moved to `device` and kept in memory, so loading is not timed; more epochs if one is too short."""
+    from polymodal.data.config import DataConfig
+    from polymodal.data.pipeline import ShardLoader
+
+    cfg = DataConfig(shards=[str(shard_dir)], modalities=["rgb"], batch_size=args.batch_size, num_workers=0,
+                     image_size=args.image_size, crop_scale=list(crop_scale), seed=args.seed, drop_last=True)
+    batches: list[dict] = []
+    loader = ShardLoader(cfg)
+    while len(batches) < count:
+        for batch in loader:
+            batches.append({k: batch[k].to(device) if hasattr(batch[k], "to") else list(batch[k]) for k in keys})
+            if len(batches) == count:
+                break
+    return batches

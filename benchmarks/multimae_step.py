@@ -73,12 +73,12 @@ import contextlib
 import copy
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_common import OtherLoad, add_quiet_options, finish, machine_info, wait_quiet
+from bench_common import (OtherLoad, add_quiet_options, cifar_train_shards, finish, machine_info, preload_batches,
+                          wait_quiet)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -268,40 +268,6 @@ class ReferenceMultiMAE(MultiMAEObjective):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Setup: shards, batches, models
-
-
-def ensure_shards(args) -> Path:
-    """CIFAR-10 training images (the first --limit) as shards in --shards-dir/train, written once."""
-    out = Path(args.shards_dir)
-    train = out / "train"
-    if (train / "stats.json").exists() and any(train.glob("*.tar")):
-        return train
-    source = Path(args.data_root) / "cifar10" / "train.tar.gz"
-    if not source.exists():
-        sys.exit(f"{source} not found: pass --data-root (the folder holding cifar10/train.tar.gz)")
-    command = [sys.executable, "-m", "polymodal", "data", "shards", str(source), str(out), "--split", "train",
-               "--limit", str(args.limit), "--overwrite", "-q"]
-    t0 = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO)
-    print(f"[shards] python {' '.join(command[1:])} ({time.perf_counter() - t0:.1f}s)", flush=True)
-    return train
-
-
-def read_batches(args, shard_dir: Path, count: int, device: torch.device) -> list[dict]:
-    """`count` full batches from our ShardLoader (crop scale 0.6-1, as configs/multimae-cifar.yaml), in memory."""
-    from polymodal.data.config import DataConfig
-    from polymodal.data.pipeline import ShardLoader
-
-    cfg = DataConfig(shards=[str(shard_dir)], modalities=["rgb"], batch_size=args.batch_size, num_workers=0,
-                     image_size=args.image_size, crop_scale=[0.6, 1.0], seed=args.seed, drop_last=True)
-    batches: list[dict] = []
-    loader = ShardLoader(cfg)
-    while len(batches) < count:  # more epochs if one is too short
-        for batch in loader:
-            batches.append({"rgb": batch["rgb"].to(device), "__key__": list(batch["__key__"])})
-            if len(batches) == count:
-                break
-    return batches
 
 
 def objective_section(args) -> dict:
@@ -500,9 +466,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    shard_dir = ensure_shards(args)
+    shard_dir = cifar_train_shards(args, REPO)
     count = args.warmup + args.steps
-    batches = read_batches(args, shard_dir, count, device)
+    batches = preload_batches(args, shard_dir, count, device, (0.6, 1.0), keys=("rgb", "__key__"))
     ours, peer = build(args, device)
     models = {"ours": ours, "peer": peer}
     optimizers = {side: optimizer_for(m) for side, m in models.items()}

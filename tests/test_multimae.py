@@ -227,9 +227,7 @@ def test_shipped_configs_build_and_pass_their_checks():
 # ------------------------------------------------------------------------------------------------------ engine
 
 def test_zero3_bf16_two_ranks_draw_resume_bitwise_export_evaluate_and_predict(cifar_test_shards, tmp_path):
-    import shutil
-
-    from test_spark import pictures, polymodal, start_event, step_losses
+    from test_spark import copy_as_stopped_after_step_2, pictures, polymodal, start_event, step_losses
 
     config = str(REPO / "configs" / "multimae-cifar.yaml")
     small = [f"objective.{k}={v}" for k, v in SMALL_MODEL.items()] + [
@@ -248,9 +246,7 @@ def test_zero3_bf16_two_ranks_draw_resume_bitwise_export_evaluate_and_predict(ci
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert all(row["visible_rgb"] + row["visible_edges"] + row["visible_grey"] == 24 for row in rows)
 
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    copy_as_stopped_after_step_2(whole, resumed)
     pretrain(resumed, "steps=4", "resume=latest")
     assert step_losses(resumed) == step_losses(whole) and len(step_losses(whole)) == 4
 

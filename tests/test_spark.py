@@ -219,6 +219,15 @@ def pictures(run_dir) -> list[str]:
     return sorted(p.name for p in (run_dir / "images").iterdir())
 
 
+def copy_as_stopped_after_step_2(run_dir, copy) -> None:
+    """A copy of a 4-step run with checkpoints at 2 and 4, as if it had stopped after step 2."""
+    import shutil
+
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000004")
+    (copy / "checkpoints" / "latest").write_text("step_00000002")
+
+
 def assert_loads_into_timm_resnet18(backbone) -> None:
     from safetensors.torch import load_file
 
@@ -248,8 +257,6 @@ def test_zero3_bf16_on_two_ranks_draws_resumes_exactly_and_exports(cifar_test_sh
     # SparK on the engine as CLIP runs there: two real ranks (torchrun, gloo), ZeRO-3 (weights partitioned, so the
     # pictures need every rank's part of the forward), bf16, checkpoints; a resumed run repeats the uninterrupted
     # run's losses bitwise (masks come from the checkpointed RNG), and the ZeRO-3 checkpoint exports to timm.
-    import shutil
-
     def pretrain(run_dir, *extra):
         polymodal("pretrain", CONFIG, f"run_dir={run_dir}", f"data.shards={cifar_test_shards / 'test'}",
                   "zero_stage=3", "precision=bf16", "checkpoint.every=2", "checkpoint.keep=5", *SMALL, *extra,
@@ -262,10 +269,7 @@ def test_zero3_bf16_on_two_ranks_draws_resumes_exactly_and_exports(cifar_test_sh
     assert pictures(whole) == ["step_0000002.png", "step_0000004.png"]
     assert all(0.5 < loss < 1.5 for loss in step_losses(whole).values()), step_losses(whole)
 
-    # The run as if it had stopped after step 2: its copy with the step-4 checkpoint gone.
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    copy_as_stopped_after_step_2(whole, resumed)
     pretrain(resumed, "steps=4", "resume=latest")
     assert step_losses(resumed) == step_losses(whole) and len(step_losses(whole)) == 4
 

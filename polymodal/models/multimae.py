@@ -13,6 +13,11 @@ decoder per modality. Built from our transformer blocks and attention function.
   where it had some, plus positions and the modality embedding; one cross-attention + MLP block over the visible
   tokens (with their positions and modality embeddings) and the global tokens, then `decoder_depth` self-attention
   blocks, then a linear un-patchify to [B, N_m, values per patch].
+
+Where this differs from the reference code (EPFL-VILAB/MultiMAE), on purpose: the decoder's cross-attention adds
+its output to the queries (a pre-norm residual, as every other block) where the reference replaces them; both
+stacks end with a LayerNorm; encoder tokens get a learned modality embedding besides their positions (the
+reference tells modalities apart by their adapters alone).
 """
 
 from __future__ import annotations
