@@ -164,6 +164,18 @@ def test_the_rgb_path_exports_to_timm_with_the_same_features(batches, pool):
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
+def test_a_derived_eval_modality_is_derived_from_the_images_for_features(batches):
+    objective = multimae(eval_modality="grey").eval()
+    images = objective.normalize(batches[0]["rgb"])
+    from polymodal.data import derive
+
+    with torch.no_grad():
+        features = objective.image_features(images)
+        inputs, visible = objective.shown_alone({"grey": derive.grey(batches[0]["rgb"])})
+        encoded = objective.model(inputs, visible)["encoded"].unflatten(0, (len(images), -1))
+    assert features.shape == (16, 32) and torch.allclose(features, encoded[:, 1:].mean(1), atol=1e-5)
+
+
 def test_predict_fills_a_target_from_given_modalities(batches):
     objective = multimae().eval()
     rgb = batches[0]["rgb"][:3]

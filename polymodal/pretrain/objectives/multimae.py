@@ -227,45 +227,46 @@ class MultiMAEObjective(Objective):
     # --------------------------------------------------------------------------------------------------- inputs
 
     def prepare(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Each modality's model-ready map and a presence mask [B, M] over the input modalities. rgb is normalised
-        with mean/std; other image-like maps are standardised per image unless `standardize: false`; class maps
-        stay int64."""
-        rgb = batch.get("rgb")
-        labels = batch.get("label")
+        """Each modality's model-ready map (`model_map`) and a presence mask [B, M] over the input modalities."""
         out, present = {}, []
-        for name, m in self.modality_configs.items():
-            spec = self.specs[name]
-            if m.derive:
-                x = DERIVE[m.derive](rgb, labels, spec, **m.derive_kwargs)
-                have = batch.get("rgb_present")
-            else:
-                source = m.source or name
-                if source not in batch:
-                    raise ConfigError(f"config key 'objective.modalities.{name}': the batch has no {source!r} "
-                                      "(data.modalities)")
-                x = batch[source]
-                have = batch.get(f"{source}_present")
-            if spec.classes:
-                x = x.long()
-                if x.dim() == 4 and x.shape[1] == 1:
-                    x = x[:, 0]
-            else:
-                if x.dim() == 3:
-                    x = x[:, None]
-                if x.shape[1] != spec.channels:
-                    raise ConfigError(f"config key 'objective.modalities.{name}.channels': the adapter takes "
-                                      f"{spec.channels} channels, the data has {x.shape[1]}")
-                if name == "rgb" and not m.derive:
-                    x = self.normalize(x)
-                elif m.standardize:
-                    x = standardize(x)
-                else:
-                    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            out[name] = x
-            if spec.input:
+        for name in self.modality_configs:
+            x, have = self.raw_map(name, batch)
+            out[name] = x = self.model_map(name, x)
+            if self.specs[name].input:
                 present.append(torch.ones(len(x), dtype=torch.bool, device=x.device) if have is None
                                else have.bool().to(x.device))
         return out, torch.stack(present, 1)
+
+    def raw_map(self, name: str, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A modality as the data gives it (derived from the batch's rgb, or read from its key), with its presence
+        mask when the batch has one."""
+        m = self.modality_configs[name]
+        if m.derive:
+            return DERIVE[m.derive](batch.get("rgb"), batch.get("label"), self.specs[name], **m.derive_kwargs), \
+                batch.get("rgb_present")
+        source = m.source or name
+        if source not in batch:
+            raise ConfigError(f"config key 'objective.modalities.{name}': the batch has no {source!r} "
+                              "(data.modalities)")
+        return batch[source], batch.get(f"{source}_present")
+
+    def model_map(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A modality's map as the model takes it: class ids int64 [B, H, W]; rgb normalised with mean/std; other
+        maps [B, C, H, W] standardised per image, or (`standardize: false`) uint8 scaled to [0, 1]."""
+        spec, m = self.specs[name], self.modality_configs[name]
+        if spec.classes:
+            x = x.long()
+            return x[:, 0] if x.dim() == 4 and x.shape[1] == 1 else x
+        if x.dim() == 3:
+            x = x[:, None]
+        if x.shape[1] != spec.channels:
+            raise ConfigError(f"config key 'objective.modalities.{name}.channels': the adapter takes "
+                              f"{spec.channels} channels, the data has {x.shape[1]}")
+        if name == "rgb" and not m.derive:
+            return self.normalize(x)
+        if m.standardize:
+            return standardize(x)
+        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
     def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
         return (rgb.float() - self.mean) / self.std
@@ -322,17 +323,13 @@ class MultiMAEObjective(Objective):
         return image_features_encoder(name, self)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of normalised rgb images with every rgb token visible and no other modality."""
+        """Features of normalised rgb images: every token of `eval_modality` visible (derived from the images when
+        it is a derived modality), and no other modality."""
         modality = self.config.eval_modality
-        dtype = next(self.model.parameters()).dtype
-        inputs = {n: torch.zeros(len(images), *([] if self.specs[n].classes else [self.specs[n].channels]),
-                                 *self._map_size(n, images.shape[-2:]), device=images.device,
-                                 dtype=torch.long if self.specs[n].classes else dtype) for n in self.model.inputs}
-        inputs[modality] = images.to(dtype)
-        n = self._tokens_each(inputs)
-        visible = torch.zeros(len(images), n * len(self.model.inputs), dtype=torch.bool, device=images.device)
-        i = self.model.inputs.index(modality)
-        visible[:, i * n:(i + 1) * n] = True
+        if modality != "rgb" or self.modality_configs[modality].derive:
+            rgb = (images.float() * self.std + self.mean).round().clamp(0, 255).to(torch.uint8)
+            images = self.model_map(modality, self.raw_map(modality, {"rgb": rgb})[0])
+        inputs, visible = self.shown_alone({modality: images})
         out = self.model(inputs, visible, (), True)
         encoded, packing = out["encoded"], out["visible"].packing
         starts = packing.cu_seqlens[:-1].long()
@@ -340,6 +337,28 @@ class MultiMAEObjective(Objective):
             return encoded[starts]
         per_sample = encoded.unflatten(0, (len(images), -1))  # every sample keeps the same count
         return per_sample[:, self.config.global_tokens:].mean(1)
+
+    def shown_alone(self, maps: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs in which the given model-ready `maps` are wholly visible and every other input modality is
+        zeros with no visible token: (inputs, visible)."""
+        first = next(iter(maps.values()))
+        batch, size, device = len(first), first.shape[-2:], self.mean.device
+        dtype = next(self.model.parameters()).dtype
+        inputs = {}
+        for name in self.model.inputs:
+            spec = self.specs[name]
+            if name in maps:
+                inputs[name] = maps[name].to(device) if spec.classes else maps[name].to(device, dtype)
+            else:
+                channels = [] if spec.classes else [spec.channels]
+                inputs[name] = torch.zeros(batch, *channels, *self._map_size(name, size), device=device,
+                                           dtype=torch.long if spec.classes else dtype)
+        n = self._tokens_each(inputs)
+        visible = torch.zeros(batch, n * len(self.model.inputs), dtype=torch.bool, device=device)
+        for name in maps:
+            i = self.model.inputs.index(name)
+            visible[:, i * n:(i + 1) * n] = True
+        return inputs, visible
 
     def _map_size(self, name: str, size) -> tuple[int, int]:
         m = self.modality_configs[name]
@@ -386,34 +405,9 @@ class MultiMAEObjective(Objective):
             raise ConfigError(f"target {wrong[0] if wrong else '(none)'!r}: this model decodes "
                               f"{', '.join(self.model.targets)}")
         batch = len(next(iter(given.values())))
-        maps = {}
-        for name, x in given.items():
-            spec, m = self.specs[name], self.modality_configs[name]
-            if spec.classes:
-                maps[name] = x.long()
-            elif name == "rgb" and not m.derive:
-                maps[name] = self.normalize(x)
-            else:
-                x = x if x.dim() == 4 else x[:, None]
-                maps[name] = standardize(x) if m.standardize else (x.float() / 255 if x.dtype == torch.uint8
-                                                                   else x.float())
-        size = next(iter(maps.values())).shape[-2:]
-        dtype = next(self.model.parameters()).dtype
-        device = self.mean.device
-        inputs = {}
-        for name in self.model.inputs:
-            spec = self.specs[name]
-            if name in maps:
-                inputs[name] = maps[name].to(device) if spec.classes else maps[name].to(device, dtype)
-            else:
-                shape = (batch, *self._map_size(name, size)) if spec.classes else (
-                    batch, spec.channels, *self._map_size(name, size))
-                inputs[name] = torch.zeros(shape, device=device, dtype=torch.long if spec.classes else dtype)
-        n = self._tokens_each(inputs)
-        visible = torch.zeros(batch, n * len(self.model.inputs), dtype=torch.bool, device=device)
-        for name in given:
-            i = self.model.inputs.index(name)
-            visible[:, i * n:(i + 1) * n] = True
+        maps = {name: self.model_map(name, x.to(self.mean.device)) for name, x in given.items()}
+        inputs, visible = self.shown_alone(maps)
+        size, device = next(iter(maps.values())).shape[-2:], self.mean.device
         out = self.model(inputs, visible, tuple(targets), self.config.packed)
         result = {}
         for t in targets:
@@ -422,8 +416,7 @@ class MultiMAEObjective(Objective):
                 spec = self.specs[t]
                 like = torch.zeros(batch, *([] if spec.classes else [spec.channels]), *self._map_size(t, size),
                                    device=device)
-            truth = None if self.modality_configs[t].loss == "norm_mse" else like
-            result[t] = prediction_map(self, t, out["predictions"][t], like, truth)
+            result[t] = prediction_map(self, t, out["predictions"][t], like, None)
         return result
 
     def predict_files(self, given: dict[str, Path], targets: list[str], out: Path, image_size: int | None) -> Path:
