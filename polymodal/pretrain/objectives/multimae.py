@@ -181,13 +181,13 @@ class MultiMAEObjective(Objective):
         loss = m.loss or ("ce" if m.classes else "norm_mse" if name == "rgb" else "l1")
         if loss not in LOSSES:
             raise ConfigError(f"config key '{key}.loss': one of {', '.join(LOSSES)}, got {loss!r}")
-        if (loss == "ce") != bool(m.classes):
-            raise ConfigError(f"config key '{key}.loss': {loss} {'needs' if loss == 'ce' else 'is for'} a class "
-                              "map (classes > 0)" if loss == "ce" else f"config key '{key}.loss': a class map "
-                              f"(classes {m.classes}) trains with ce, not {loss}")
+        if loss == "ce" and not m.classes:
+            raise ConfigError(f"config key '{key}.loss': ce is for class maps (set classes > 0)")
+        if m.classes and loss != "ce":
+            raise ConfigError(f"config key '{key}.loss': a class map (classes {m.classes}) trains with ce, not {loss}")
         if m.channels < 1 or m.classes < 0 or m.patch_size < 0 or m.weight < 0:
             raise ConfigError(f"config key '{key}': channels >= 1, classes >= 0, patch_size >= 0, weight >= 0")
-        m.loss = loss
+        m.loss = loss  # the default resolved, for the pictures and prediction
         return ModalitySpec(name, m.channels, m.classes, m.patch_size or self.config.patch_size, m.input, m.target)
 
     def _check_budget_type(self) -> None:
