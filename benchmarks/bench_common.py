@@ -198,3 +198,36 @@ def preload_batches(args, shard_dir: Path, count: int, device, crop_scale: tuple
             if len(batches) == count:
                 break
     return batches
+
+
+def timed_training_steps(args, step, batches, device) -> dict:
+    """One side's run of a step benchmark: wait for quiet (--max-other-load, --max-wait), then `step(i, batch)`
+    (zero_grad, forward, backward, optimizer step; returns the loss tensor) over `batches`, each timed from
+    zero_grad to the loss read back (with a device synchronize on CUDA). The first --warmup steps are left out of
+    samples/s and the median step time."""
+    import statistics
+    import sys
+
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if torch.get_num_threads() != args.threads:
+        sys.exit(f"torch threads changed to {torch.get_num_threads()} (expected {args.threads})")
+    waited = wait_quiet(args.max_other_load, args.max_wait)
+    load, t_run = OtherLoad(children=False), time.perf_counter()
+    times, losses = [], []
+    for i, batch in enumerate(batches):
+        sync()
+        t0 = time.perf_counter()
+        value = step(i, batch).item()
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(value)
+    other = load.share(time.perf_counter() - t_run)
+    timed = times[args.warmup:]
+    return {"samples_per_s": args.batch_size * len(timed) / sum(timed),
+            "ms_per_step": 1000 * statistics.median(timed), "step_s": times, "losses": losses,
+            "other_load": other, "waited_s": waited}

@@ -77,8 +77,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import (OtherLoad, add_quiet_options, cifar_train_shards, finish, machine_info, preload_batches,
-                          wait_quiet)
+from bench_common import (add_quiet_options, cifar_train_shards, finish, machine_info, preload_batches,
+                          timed_training_steps)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -354,29 +354,17 @@ def loss_check(args, ours, peer, batch, device, tolerance: float) -> dict:
 
 
 def run_side(args, model, optimizer, batches, device) -> dict:
-    if torch.get_num_threads() != args.threads:
-        sys.exit(f"torch threads changed to {torch.get_num_threads()} (expected {args.threads})")
-    waited = wait_quiet(args.max_other_load, args.max_wait)
     torch.manual_seed(args.seed)  # each run's masks are reproducible; each side draws them its own way
-    load, t_run = OtherLoad(children=False), time.perf_counter()
-    times, losses = [], []
-    for batch in batches:
-        sync(device)
-        t0 = time.perf_counter()
+
+    def step(_, batch):
         optimizer.zero_grad(set_to_none=True)
         with autocast(args, device):
             loss = model(batch)["loss"]
         loss.backward()
         optimizer.step()
-        value = loss.item()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(value)
-    other = load.share(time.perf_counter() - t_run)
-    timed = times[args.warmup:]
-    return {"samples_per_s": args.batch_size * len(timed) / sum(timed),
-            "ms_per_step": 1000 * statistics.median(timed), "step_s": times, "losses": losses,
-            "other_load": other, "waited_s": waited}
+        return loss
+
+    return timed_training_steps(args, step, batches, device)
 
 
 def memory_step(args, model, optimizer, batch, device) -> dict:

@@ -54,10 +54,9 @@ import copy
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from bench_common import (OtherLoad, add_quiet_options, cifar_train_shards, machine_info, preload_batches, wait_quiet,
+from bench_common import (add_quiet_options, cifar_train_shards, machine_info, preload_batches, timed_training_steps,
                           write_report)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,34 +233,16 @@ def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
 # Timing
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_side(args, model, optimizer, feed: PresetMask, batches, masks, device) -> dict:
-    if torch.get_num_threads() != args.threads:
-        sys.exit(f"torch threads changed to {torch.get_num_threads()} (expected {args.threads})")
-    waited = wait_quiet(args.max_other_load, args.max_wait)
-    load, t_run = OtherLoad(children=False), time.perf_counter()
-    times, losses = [], []
-    for batch, mask in zip(batches, masks):
-        feed.mask = mask
-        sync(device)
-        t0 = time.perf_counter()
+    def step(i, batch):
+        feed.mask = masks[i]
         optimizer.zero_grad(set_to_none=True)
         loss = model(batch)["loss"]
         loss.backward()
         optimizer.step()
-        value = loss.item()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(value)
-    other = load.share(time.perf_counter() - t_run)
-    timed = times[args.warmup:]
-    return {"samples_per_s": args.batch_size * len(timed) / sum(timed),
-            "ms_per_step": 1000 * statistics.median(timed), "step_s": times, "losses": losses,
-            "other_load": other, "waited_s": waited}
+        return loss
+
+    return timed_training_steps(args, step, batches, device)
 
 
 def loss_check(ours: dict, peer: dict, tolerance: float) -> dict:
