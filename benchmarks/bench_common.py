@@ -231,3 +231,22 @@ def timed_training_steps(args, step, batches, device) -> dict:
     return {"samples_per_s": args.batch_size * len(timed) / sum(timed),
             "ms_per_step": 1000 * statistics.median(timed), "step_s": times, "losses": losses,
             "other_load": other, "waited_s": waited}
+
+
+def add_step_benchmark_options(parser, repo: Path, out: str) -> None:
+    """The options the training-step benchmarks (spark_step, multimae_step) share: run shape, device, data."""
+    import torch
+
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each run")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: the CPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-root", default=str(repo.parent / "shared" / "data"))
+    parser.add_argument("--shards-dir", default="bench-out/cifar10-train2048",
+                        help="CIFAR-10 training shards go to DIR/train, written once (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=2048, help="training images written to the shards")
+    parser.add_argument("--loss-tolerance", type=float, default=1e-4,
+                        help="relative difference of the check's first-step losses reported as a match")
+    parser.add_argument("--out", default=out)

@@ -77,8 +77,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import (add_quiet_options, cifar_train_shards, finish, machine_info, preload_batches,
-                          timed_training_steps)
+from bench_common import (add_quiet_options, add_step_benchmark_options, cifar_train_shards, finish, machine_info,
+                          preload_batches, timed_training_steps)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -429,21 +429,9 @@ def main(argv=None) -> int:
                         help="reference: MultiMAE's generate_random_masks (batched); per-sample: a Python loop over "
                              "the samples on the CPU (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each run")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: the CPUs)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: autocast around the forward (meant for CUDA) (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--shards-dir", default="bench-out/cifar10-train2048",
-                        help="CIFAR-10 training shards go to DIR/train, written once (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=2048, help="training images written to the shards")
-    parser.add_argument("--loss-tolerance", type=float, default=1e-4,
-                        help="relative difference of the check's losses reported as a match")
-    parser.add_argument("--out", default="bench-out/multimae_step.json")
+    add_step_benchmark_options(parser, REPO, "bench-out/multimae_step.json")
     add_quiet_options(parser)
     args = parser.parse_args(argv)
     args.threads = args.threads or len(os.sched_getaffinity(0))

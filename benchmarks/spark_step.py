@@ -56,8 +56,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_common import (add_quiet_options, cifar_train_shards, machine_info, preload_batches, timed_training_steps,
-                          write_report)
+from bench_common import (add_quiet_options, add_step_benchmark_options, cifar_train_shards, machine_info,
+                          preload_batches, timed_training_steps, write_report)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -262,21 +262,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="resnet18", help="timm convnet (default: %(default)s; also convnext_atto)")
     parser.add_argument("--image-size", type=int, default=64, help="a multiple of the stride, >= 2x it (default 64)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each run")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: the CPUs)")
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--decoder-width", type=int, default=256, help="as configs/spark-*-cifar.yaml")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--shards-dir", default="bench-out/cifar10-train2048",
-                        help="CIFAR-10 training shards go to DIR/train, written once (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=2048, help="training images written to the shards")
-    parser.add_argument("--loss-tolerance", type=float, default=1e-4,
-                        help="relative difference of the first step's losses reported as a match")
-    parser.add_argument("--out", default="bench-out/spark_step.json")
+    add_step_benchmark_options(parser, REPO, "bench-out/spark_step.json")
     add_quiet_options(parser)
     args = parser.parse_args(argv)
     args.threads = args.threads or len(os.sched_getaffinity(0))
