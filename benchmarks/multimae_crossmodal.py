@@ -32,7 +32,8 @@ from polymodal.data.config import DataConfig  # noqa: E402
 from polymodal.data.pipeline import ShardLoader  # noqa: E402
 from polymodal.distributed import Placement  # noqa: E402
 from polymodal.pretrain.export import exported_metadata, load_exported  # noqa: E402
-from polymodal.pretrain.objectives.multimae import patchify, token_losses  # noqa: E402
+from polymodal.models.multimae import patchify  # noqa: E402
+from polymodal.pretrain.objectives.multimae import token_losses  # noqa: E402
 
 
 def batches(shards: str, size: int, batch_size: int, limit: int | None):
@@ -121,15 +122,12 @@ def main() -> int:
         mean_se += float((means[args.image][None] - truth).square().sum())
         pixels += truth.numel()
         # 3. masked-patch losses under training-style masks
-        n = objective._tokens_each(maps)
-        visible = objective.draw_visible(present, n)
-        dtype = next(objective.model.parameters()).dtype
-        inputs = {k: (maps[k] if objective.specs[k].classes else maps[k].to(dtype)) for k in objective.model.inputs}
-        out = objective.model(inputs, visible, tuple(objective.model.targets), objective.config.packed)
-        for i, name in enumerate(objective.model.targets):
+        visible = objective.draw_visible(present, objective._tokens_each(maps))
+        out = objective.model(objective.model_inputs(maps), visible, tuple(objective.model.targets),
+                              objective.config.packed)
+        for name in objective.model.targets:
             spec, loss = objective.specs[name], objective.modality_configs[name].loss
-            j = objective.model.inputs.index(name)
-            hidden = (~visible[:, j * n:(j + 1) * n]).float()
+            hidden = (~objective.visible_of(visible, name)).float()
             ours = token_losses(out["predictions"][name].float(), maps[name], spec, loss)
             base = token_losses(baseline_patches(objective, name, means[name], b), maps[name], spec, loss)
             masked[name][0] += float((ours * hidden).sum())

@@ -158,7 +158,9 @@ def _timm_encoder(name: str, weights: str | None) -> Encoder:
         raise ConfigError(f"model timm:{name}: weights file {weights} not found (nothing is downloaded)")
     # A polymodal timm export says the shape it needs (timm.model_kwargs: a ViT's size, patch, width...) and the
     # preprocessing it was trained with (timm.preprocess: mean, std, image_size).
-    metadata = _safetensors_metadata(weights) if weights and weights.endswith(".safetensors") else {}
+    from polymodal.pretrain.export import safetensors_metadata
+
+    metadata = safetensors_metadata(weights) if weights and weights.endswith(".safetensors") else {}
     kwargs = json.loads(metadata.get("timm.model_kwargs", "{}"))
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if weights:
@@ -178,12 +180,6 @@ def _timm_encoder(name: str, weights: str | None) -> Encoder:
                    preprocess.get("std", cfg.get("std", IMAGENET_STD)),
                    preprocess.get("image_size", cfg.get("input_size", (3, 224, 224))[-1]))
 
-
-def _safetensors_metadata(path: str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
 
 
 def cache_identity(spec: str, seed: int) -> str:

@@ -25,10 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polymodal.models.attention import Packing
-from polymodal.models.transformer import Block, Linear, Transformer, grid_positions, sincos_2d, sincos_grid
+from polymodal.models.transformer import Block, Linear, Transformer, sincos_grid
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class Visible:
         else:
             self.packing = None
             longest = int(lengths.max())
-            self.index = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :longest]  # kept positions first, in order
+            # The kept positions first, in their order.
+            self.index = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :longest]
             self.pad_mask = torch.arange(longest, device=keep.device) < lengths[:, None]
 
     def select(self, full: torch.Tensor) -> torch.Tensor:
@@ -215,6 +217,17 @@ class MultiMAE(nn.Module):
         return {"encoded": encoded, "visible": keep, "grid": grid, "spans": spans, "predictions": predictions}
 
 
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, C * patch * patch]: a map as its tokens' patches, row-major as the adapters' patch
+    embedding orders them (F.unfold's order within a patch). Targets and predictions are compared in this form."""
+    return F.unfold(x, kernel_size=patch, stride=patch).transpose(1, 2)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, size: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `patchify`: [B, N, C * patch * patch] -> [B, C, *size]."""
+    return F.fold(patches.transpose(1, 2), size, kernel_size=patch, stride=patch)
+
+
 def timm_vit_export(model: MultiMAE, modality: str, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The encoder's path for `modality` as a timm `VisionTransformer` state dict on a `grid` of patches: the class
     token is the first global token; `pos_embed` holds our sin-cos positions plus the modality embedding (zero at
@@ -227,8 +240,7 @@ def timm_vit_export(model: MultiMAE, modality: str, grid: tuple[int, int]) -> di
         raise ValueError(f"{modality!r} is a class map; timm's ViT takes images")
     out = {"cls_token": model.global_tokens[:1][None].detach(),
            "patch_embed.proj.weight": adapter.proj.weight.detach(), "patch_embed.proj.bias": adapter.proj.bias.detach()}
-    rows, cols = grid_positions(*grid)
-    pos = sincos_2d(rows, cols, model.dim) + model.modality_embed[model.inputs.index(modality)].detach().float()
+    pos = sincos_grid(*grid, model.dim) + model.modality_embed[model.inputs.index(modality)].detach().float()
     out["pos_embed"] = torch.cat([torch.zeros(1, model.dim), pos])[None]
     for name, tensor in model.encoder.state_dict().items():
         out[name] = tensor  # blocks.N.* and norm.* have timm's names already

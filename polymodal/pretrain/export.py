@@ -156,12 +156,17 @@ def export_safetensors(path: Path, out: Path) -> Path:
     return export_checkpoint(path, "polymodal", out)
 
 
-def exported_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of an exported file: polymodal.objective (JSON), polymodal.step, polymodal.image_size."""
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of any .safetensors file (empty when it has none)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+        return f.metadata() or {}
+
+
+def exported_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an exported file: polymodal.objective (JSON), polymodal.step, polymodal.image_size."""
+    metadata = safetensors_metadata(path)
     if "polymodal.objective" not in metadata:
         raise ConfigError(f"{path} was not written by polymodal (no objective in its metadata)")
     return metadata

@@ -21,12 +21,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from polymodal.data import derive
 from polymodal.data.errors import ConfigError
-from polymodal.models.multimae import ModalitySpec, MultiMAE, timm_vit_export
+from polymodal.models.multimae import ModalitySpec, MultiMAE, patchify, timm_vit_export
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
 from polymodal.pretrain.objectives.classify import IMAGENET_MEAN, IMAGENET_STD
 from polymodal.pretrain.objectives.masking import draw_budget, draw_visible
+from polymodal.pretrain.objectives.multimae_pictures import draw, prediction_map, read_map, save_prediction
 
 # kornia (the derived modalities) is imported with this module, before any run starts: imported for the first time
 # inside a ZeRO-3 run, after DeepSpeed's zero.Init has patched nn.Module subclassing, kornia's generic model classes
@@ -39,26 +41,18 @@ TIMM_VIT = "vit_tiny_patch16_224"
 
 
 def _derive_grey(rgb, labels, spec, **kw):
-    from polymodal.data import derive
-
     return derive.grey(rgb)
 
 
 def _derive_edges(rgb, labels, spec, **kw):
-    from polymodal.data import derive
-
     return derive.edges(rgb, **kw).float()
 
 
 def _derive_hog(rgb, labels, spec, **kw):
-    from polymodal.data import derive
-
     return derive.hog(rgb, **kw)
 
 
 def _derive_fgmask(rgb, labels, spec, **kw):
-    from polymodal.data import derive
-
     if labels is None:
         raise ConfigError(f"config key 'objective.modalities.{spec.name}.derive': fgmask paints each image's class: "
                           "add label to data.modalities")
@@ -154,7 +148,7 @@ class MultiMAEObjective(Objective):
         self.specs = {s.name: s for s in specs}
         self._check_budget_type()
         alpha = config.alpha
-        if isinstance(alpha, (list, tuple)) or hasattr(alpha, "__len__"):
+        if hasattr(alpha, "__len__"):  # a list (OmegaConf hands over a list)
             alpha = [float(a) for a in alpha]
             if len(alpha) != len(self.model.inputs) or min(alpha) <= 0:
                 raise ConfigError(f"config key 'objective.alpha': one positive value per input modality "
@@ -207,7 +201,7 @@ class MultiMAEObjective(Objective):
         size = cfg.data.image_size
         for name, m in self.modality_configs.items():
             spec = self.specs[name]
-            side = size // m.derive_kwargs.get("cell", 8) if m.derive == "hog" else size
+            side = self._map_size(name, (size, size))[0]
             if side % spec.patch_size or side // spec.patch_size != size // self.config.patch_size:
                 raise ConfigError(f"config key 'objective.modalities.{name}.patch_size': {spec.patch_size} does not "
                                   f"tile its {side} px map into the {size // self.config.patch_size}-per-side grid "
@@ -280,12 +274,21 @@ class MultiMAEObjective(Objective):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         maps, present = self.prepare(batch)
-        dtype = next(self.model.parameters()).dtype
-        inputs = {n: (maps[n] if self.specs[n].classes else maps[n].to(dtype)) for n in self.model.inputs}
-        tokens_each = self._tokens_each(maps)
-        visible = self.draw_visible(present, tokens_each)
-        out = self.model(inputs, visible, tuple(self.model.targets), self.config.packed)
+        visible = self.draw_visible(present, self._tokens_each(maps))
+        out = self.model(self.model_inputs(maps), visible, tuple(self.model.targets), self.config.packed)
         return self.losses(maps, present, visible, out)
+
+    def model_inputs(self, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The input modalities' maps on the model's device, image-like ones in its dtype (class ids stay int64)."""
+        dtype, device = next(self.model.parameters()).dtype, self.mean.device
+        return {n: maps[n].to(device) if self.specs[n].classes else maps[n].to(device, dtype)
+                for n in self.model.inputs}
+
+    def visible_of(self, visible: torch.Tensor, name: str) -> torch.Tensor:
+        """The part of `visible` [B, N] that covers input modality `name`: a [B, N_m] view."""
+        n = visible.shape[1] // len(self.model.inputs)
+        i = self.model.inputs.index(name)
+        return visible[:, i * n:(i + 1) * n]
 
     def _tokens_each(self, maps: dict[str, torch.Tensor]) -> int:
         spec = self.specs[self.model.inputs[0]]
@@ -294,26 +297,22 @@ class MultiMAEObjective(Objective):
 
     def losses(self, maps, present, visible, out) -> dict[str, torch.Tensor]:
         metrics, total = {}, 0.0
-        n = visible.shape[1] // max(len(self.model.inputs), 1)
         for name in self.model.targets:
             spec, m = self.specs[name], self.modality_configs[name]
             predicted = out["predictions"][name].float()
             per_token = token_losses(predicted, maps[name], spec, m.loss)  # [B, N_m]
             if name in self.model.inputs:
                 i = self.model.inputs.index(name)
-                hidden = ~visible[:, i * n:(i + 1) * n] & present[:, i:i + 1]
+                hidden = ~self.visible_of(visible, name) & present[:, i:i + 1]
             else:  # a target that is never an input: every patch is masked
                 hidden = torch.ones_like(per_token, dtype=torch.bool)
             weight = hidden.to(per_token.dtype)
             loss = (per_token * weight).sum() / weight.sum().clamp_min(1)
             metrics[f"loss_{name}"] = loss.detach()
             total = total + m.weight * loss
-        for i, name in enumerate(self.model.inputs):
-            metrics[f"visible_{name}"] = visible[:, i * n:(i + 1) * n].sum(1).float().mean()
+        for name in self.model.inputs:
+            metrics[f"visible_{name}"] = self.visible_of(visible, name).sum(1).float().mean()
         return {"loss": total, **metrics}
-
-    def tokens_in(self, batch: dict[str, Any]) -> int | None:
-        return None
 
     # ------------------------------------------------------------------------------------- evaluation, export
 
@@ -342,27 +341,25 @@ class MultiMAEObjective(Objective):
         """Model inputs in which the given model-ready `maps` are wholly visible and every other input modality is
         zeros with no visible token: (inputs, visible)."""
         first = next(iter(maps.values()))
-        batch, size, device = len(first), first.shape[-2:], self.mean.device
-        dtype = next(self.model.parameters()).dtype
-        inputs = {}
+        batch, size = len(first), first.shape[-2:]
+        full = dict(maps)
         for name in self.model.inputs:
-            spec = self.specs[name]
-            if name in maps:
-                inputs[name] = maps[name].to(device) if spec.classes else maps[name].to(device, dtype)
-            else:
+            if name not in maps:
+                spec = self.specs[name]
                 channels = [] if spec.classes else [spec.channels]
-                inputs[name] = torch.zeros(batch, *channels, *self._map_size(name, size), device=device,
-                                           dtype=torch.long if spec.classes else dtype)
-        n = self._tokens_each(inputs)
-        visible = torch.zeros(batch, n * len(self.model.inputs), dtype=torch.bool, device=device)
+                full[name] = torch.zeros(batch, *channels, *self._map_size(name, size), device=self.mean.device,
+                                         dtype=torch.long if spec.classes else torch.float32)
+        inputs = self.model_inputs(full)
+        visible = torch.zeros(batch, self._tokens_each(inputs) * len(self.model.inputs), dtype=torch.bool,
+                              device=self.mean.device)
         for name in maps:
-            i = self.model.inputs.index(name)
-            visible[:, i * n:(i + 1) * n] = True
+            self.visible_of(visible, name)[:] = True
         return inputs, visible
 
     def _map_size(self, name: str, size) -> tuple[int, int]:
+        """The size of modality `name`'s map for images of `size` (HOG has a cell per pixel of its map)."""
         m = self.modality_configs[name]
-        cell = m.derive_kwargs.get("cell", 8) if m.derive == "hog" else 1
+        cell = m.derive_kwargs.get("cell", 8) if m.derive == "hog" else 1  # 8: derive.hog's default
         return size[0] // cell, size[1] // cell
 
     def timm_export(self, image_size: int | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -394,8 +391,6 @@ class MultiMAEObjective(Objective):
         objective's modality names. Returns each target as a map: class ids [B, H, W] for class maps; else values in
         the space the model trained them in (normalised rgb, standardised or raw maps; per-patch normalised for
         norm_mse targets, which have no absolute level to return)."""
-        from polymodal.pretrain.objectives.multimae_pictures import prediction_map
-
         unknown = [n for n in given if n not in self.model.inputs]
         if unknown:
             raise ConfigError(f"given modality {unknown[0]!r} is not an input of this model "
@@ -404,24 +399,13 @@ class MultiMAEObjective(Objective):
         if wrong or not targets:
             raise ConfigError(f"target {wrong[0] if wrong else '(none)'!r}: this model decodes "
                               f"{', '.join(self.model.targets)}")
-        batch = len(next(iter(given.values())))
         maps = {name: self.model_map(name, x.to(self.mean.device)) for name, x in given.items()}
         inputs, visible = self.shown_alone(maps)
-        size, device = next(iter(maps.values())).shape[-2:], self.mean.device
+        size = next(iter(maps.values())).shape[-2:]
         out = self.model(inputs, visible, tuple(targets), self.config.packed)
-        result = {}
-        for t in targets:
-            like = inputs.get(t)
-            if like is None:
-                spec = self.specs[t]
-                like = torch.zeros(batch, *([] if spec.classes else [spec.channels]), *self._map_size(t, size),
-                                   device=device)
-            result[t] = prediction_map(self, t, out["predictions"][t], like, None)
-        return result
+        return {t: prediction_map(self, t, out["predictions"][t], self._map_size(t, size), None) for t in targets}
 
     def predict_files(self, given: dict[str, Path], targets: list[str], out: Path, image_size: int | None) -> Path:
-        from polymodal.pretrain.objectives.multimae_pictures import read_map, save_prediction
-
         tensors = {name: read_map(path, self.specs.get(name), name, image_size) for name, path in given.items()}
         predicted = self.predict(tensors, targets)
         return save_prediction(self, tensors, predicted, out)
@@ -435,23 +419,17 @@ class MultiMAEObjective(Objective):
         grey) and the prediction with the visible patches pasted back."""
         small = {k: (v[:max_images] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         maps, present = self.prepare(small)
-        dtype = next(self.model.parameters()).dtype
-        inputs = {n: (maps[n] if self.specs[n].classes else maps[n].to(dtype)) for n in self.model.inputs}
-        n = self._tokens_each(maps)
-        with torch.random.fork_rng(devices=[maps[self.model.inputs[0]].device] if
-                                   maps[self.model.inputs[0]].is_cuda else []):
+        with torch.random.fork_rng(devices=[present.device] if present.is_cuda else []):
             torch.manual_seed(seed)  # the same masks every time, and the training RNG untouched
-            visible = self.draw_visible(present, n)
+            visible = self.draw_visible(present, self._tokens_each(maps))
         was_training = self.training
         self.eval()
         try:
-            out = self.model(inputs, visible, tuple(self.model.targets), self.config.packed)
+            out = self.model(self.model_inputs(maps), visible, tuple(self.model.targets), self.config.packed)
         finally:
             self.train(was_training)
         if path is None:
             return None
-        from polymodal.pretrain.objectives.multimae_pictures import draw
-
         return draw(self, maps, visible, out, Path(path))
 
 
@@ -462,15 +440,6 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
     mean, std = flat.mean(1), flat.std(1)
     shape = (-1,) + (1,) * (x.dim() - 1)
     return (x - mean.view(shape)) / (std.view(shape) + 1e-6)
-
-
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, N, C * patch * patch], patches row-major (F.unfold's order within a patch)."""
-    return F.unfold(x, kernel_size=patch, stride=patch).transpose(1, 2)
-
-
-def unpatchify(patches: torch.Tensor, patch: int, size: tuple[int, int]) -> torch.Tensor:
-    return F.fold(patches.transpose(1, 2), size, kernel_size=patch, stride=patch)
 
 
 def token_losses(predicted: torch.Tensor, target: torch.Tensor, spec: ModalitySpec, loss: str) -> torch.Tensor:
@@ -489,5 +458,4 @@ def token_losses(predicted: torch.Tensor, target: torch.Tensor, spec: ModalitySp
     return (predicted - target).square().mean(-1)
 
 
-__all__ = ["DERIVE", "ModalityConfig", "MultiMAEConfig", "MultiMAEObjective", "patchify", "standardize",
-           "token_losses", "unpatchify"]
+__all__ = ["DERIVE", "ModalityConfig", "MultiMAEConfig", "MultiMAEObjective", "standardize", "token_losses"]

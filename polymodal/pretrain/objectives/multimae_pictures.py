@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from polymodal.data.errors import ConfigError
+from polymodal.models.multimae import patchify, unpatchify
+
 
 def class_colours(classes: int, device) -> torch.Tensor:
     """A fixed colour per class, [classes, 3] in [0, 1]; class 0 (background) black."""
@@ -31,15 +34,13 @@ def to_tiles(objective, name: str, x: torch.Tensor, size: tuple[int, int]) -> to
     return F.interpolate(tiles, size=size, mode="nearest") if tuple(tiles.shape[-2:]) != tuple(size) else tiles
 
 
-def prediction_map(objective, name: str, predicted: torch.Tensor, like: torch.Tensor,
+def prediction_map(objective, name: str, predicted: torch.Tensor, size: tuple[int, int],
                    truth: torch.Tensor | None) -> torch.Tensor:
-    """The decoder's patches [B, N, values] as a map shaped like `like`: class ids for class maps; for per-patch
-    normalised targets (norm_mse), un-normalised with the `truth`'s patch statistics as MAE's pictures do (left
-    normalised when there is no truth)."""
-    from polymodal.pretrain.objectives.multimae import patchify, unpatchify
-
+    """The decoder's patches [B, N, values] as a map of `size`: class ids for class maps; for per-patch normalised
+    targets (norm_mse), un-normalised with the `truth`'s patch statistics as MAE's pictures do (left normalised
+    when there is no truth)."""
     spec, loss = objective.specs[name], objective.modality_configs[name].loss
-    p, size = spec.patch_size, like.shape[-2:]
+    p = spec.patch_size
     if spec.classes:
         ids = predicted.unflatten(-1, (p * p, spec.classes)).argmax(-1).float()  # [B, N, p*p]
         return unpatchify(ids, p, size)[:, 0].long()
@@ -54,8 +55,6 @@ def read_map(path, spec, name: str, image_size: int | None) -> torch.Tensor:
     uint8 [1, 1, S, S] (one channel) or int64 class ids [1, S, S]; resized to `image_size` (nearest for classes)."""
     import numpy as np
     from PIL import Image
-
-    from polymodal.data.errors import ConfigError
 
     if spec is None:
         raise ConfigError(f"--input {name}: not a modality of this model")
@@ -83,11 +82,9 @@ def save_prediction(objective, given: dict[str, torch.Tensor], predicted: dict[s
     from torchvision.utils import save_image
 
     size = max((tuple(x.shape[-2:]) for x in [*given.values(), *predicted.values()]), key=lambda s: s[0])
-    columns = []
-    for name, x in given.items():
-        shown = objective.normalize(x.to(objective.mean.device)) if name == "rgb" and not objective.specs[name].classes \
-            else x.to(objective.mean.device)
-        columns.append(to_tiles(objective, name, shown, size))
+    # Given maps as the model saw them (to_tiles shows other maps min-max scaled, so standardising changes nothing).
+    columns = [to_tiles(objective, name, objective.model_map(name, x.to(objective.mean.device)), size)
+               for name, x in given.items()]
     columns += [to_tiles(objective, name, x, size) for name, x in predicted.items()]
     rows = torch.stack(columns, 1).flatten(0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,13 +94,11 @@ def save_prediction(objective, given: dict[str, torch.Tensor], predicted: dict[s
 
 def hidden_pixels(objective, name: str, visible: torch.Tensor, shape) -> torch.Tensor:
     """bool [B, 1, H, W], True where the modality's patch was hidden from the encoder."""
-    spec, model = objective.specs[name], objective.model
-    if name not in model.inputs:
+    spec = objective.specs[name]
+    if name not in objective.model.inputs:
         return torch.ones(shape[0], 1, *shape[-2:], dtype=torch.bool, device=visible.device)
-    n = visible.shape[1] // len(model.inputs)
-    i = model.inputs.index(name)
     h, w = shape[-2] // spec.patch_size, shape[-1] // spec.patch_size
-    grid = visible[:, i * n:(i + 1) * n].view(-1, 1, h, w)
+    grid = objective.visible_of(visible, name).reshape(-1, 1, h, w)
     return ~grid.repeat_interleave(spec.patch_size, 2).repeat_interleave(spec.patch_size, 3)
 
 
@@ -114,16 +109,13 @@ def draw(objective, maps: dict[str, torch.Tensor], visible: torch.Tensor, out: d
     columns = []
     for name, x in maps.items():
         hidden = hidden_pixels(objective, name, visible, x.shape)
-        cover = hidden if objective.specs[name].classes else hidden.expand_as(x)
-        masked = x.masked_fill(cover[:, 0] if objective.specs[name].classes else cover, 0)
+        hide = hidden[:, 0] if objective.specs[name].classes else hidden.expand_as(x)  # x's own shape
         columns += [to_tiles(objective, name, x, size)]
         grey_patches = F.interpolate(hidden.float(), size=size, mode="nearest").bool()
-        columns += [torch.where(grey_patches, 0.5, to_tiles(objective, name, masked, size))]
+        columns += [torch.where(grey_patches, 0.5, to_tiles(objective, name, x.masked_fill(hide, 0), size))]
         if name in out["predictions"]:
-            predicted = prediction_map(objective, name, out["predictions"][name], x, x)
-            shown = torch.where(hidden[:, 0] if objective.specs[name].classes else hidden.expand_as(x), predicted,
-                                x.to(predicted.dtype) if not objective.specs[name].classes else x)
-            columns += [to_tiles(objective, name, shown, size)]
+            predicted = prediction_map(objective, name, out["predictions"][name], x.shape[-2:], x)
+            columns += [to_tiles(objective, name, torch.where(hide, predicted, x.to(predicted.dtype)), size)]
         else:
             columns += [torch.zeros_like(columns[-1])]
     rows = torch.stack(columns, 1).flatten(0, 1)
