@@ -53,6 +53,41 @@ def cifar_test_shards(tmp_path_factory, data_root) -> Path:
     return out
 
 
+def export_tokenizer(out: Path, name: str = "fsq", image_size: int = 32, **config) -> Path:
+    """An image tokenizer exported as training exports one (weights seeded, untrained: tokens are still valid)."""
+    import json
+
+    import torch
+
+    from polymodal.pretrain.export import write_safetensors
+    from polymodal.pretrain.objectives import build_objective
+
+    torch.manual_seed(0)
+    section = {"name": name, "width": 8, **config}
+    objective = build_objective(section)
+    return write_safetensors(objective.state_dict(), out / "model.safetensors",
+                             {"polymodal.objective": json.dumps(section), "polymodal.step": "0",
+                              "polymodal.image_size": str(image_size)})
+
+
+@pytest.fixture(scope="session")
+def tokenized_emoji(tmp_path_factory, emoji_shards):
+    """The emoji pairs tokenized: rgb by an FSQ tokenizer (3 crops), captions by a WordPiece vocabulary."""
+    from polymodal.data.shard_map import map_shards
+    from polymodal.data.tokenize_shards import TokenizeJob, TokenizeOptions
+    from polymodal.tokenizers.cli import read_texts
+    from polymodal.tokenizers.text import train_wordpiece
+
+    root = tmp_path_factory.mktemp("tok")
+    tokenizer = export_tokenizer(root / "fsq")
+    train_wordpiece(read_texts(str(emoji_shards), None), vocab_size=1500, sentinels=10).save(root / "wp" /
+                                                                                              "tokenizer.json")
+    job = TokenizeJob({"rgb": str(tokenizer.parent)}, {"caption": str(root / "wp")}, TokenizeOptions(crops=3),
+                      seed=0)
+    result = map_shards(str(emoji_shards), root / "out", job, workers=1, show_progress=False)
+    return root, result
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): small

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, polymodal_cmd, subprocess_env
+from conftest import REPO, export_tokenizer, polymodal_cmd, subprocess_env
 from polymodal.data.config import DataConfig
 from polymodal.data.errors import ConfigError
 from polymodal.data.pipeline import ShardLoader
@@ -26,40 +26,9 @@ from polymodal.data.pipeline import ShardLoader
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def export_tokenizer(out: Path, name: str = "fsq", image_size: int = 32, **config) -> Path:
-    """An image tokenizer exported as training exports one (weights seeded, untrained: tokens are still valid)."""
-    from polymodal.pretrain.export import write_safetensors
-    from polymodal.pretrain.objectives import build_objective
-
-    torch.manual_seed(0)
-    section = {"name": name, "width": 8, **config}
-    objective = build_objective(section)
-    return write_safetensors(objective.state_dict(), out / "model.safetensors",
-                             {"polymodal.objective": json.dumps(section), "polymodal.step": "0",
-                              "polymodal.image_size": str(image_size)})
-
-
 def members(shard: Path) -> dict[str, bytes]:
     with tarfile.open(shard) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-
-
-@pytest.fixture(scope="module")
-def tokenized_emoji(tmp_path_factory, emoji_shards):
-    """The emoji pairs tokenized: rgb by an FSQ tokenizer (3 crops), captions by a WordPiece vocabulary."""
-    from polymodal.data.shard_map import map_shards
-    from polymodal.data.tokenize_shards import TokenizeJob, TokenizeOptions
-    from polymodal.tokenizers.cli import read_texts
-    from polymodal.tokenizers.text import train_wordpiece
-
-    root = tmp_path_factory.mktemp("tok")
-    tokenizer = export_tokenizer(root / "fsq")
-    train_wordpiece(read_texts(str(emoji_shards), None), vocab_size=1500, sentinels=10).save(root / "wp" /
-                                                                                              "tokenizer.json")
-    job = TokenizeJob({"rgb": str(tokenizer.parent)}, {"caption": str(root / "wp")}, TokenizeOptions(crops=3),
-                      seed=0)
-    result = map_shards(str(emoji_shards), root / "out", job, workers=1, show_progress=False)
-    return root, result
 
 
 def test_token_sets_mirror_the_source_and_record_their_tokenizer(tokenized_emoji, emoji_shards):

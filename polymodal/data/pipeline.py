@@ -30,7 +30,7 @@ from polymodal.data.errors import ConfigError, SampleSkipped, SkipCounter, skip_
 from polymodal.data.shardlist import expand_entries, missing_local, weights_per_shard
 from polymodal.data.stream import WorkerStream, augment_rng
 from polymodal.data.tar_samples import RawSample
-from polymodal.data.token_data import TokenSpec, check_tokens, pick_crop, read_token_specs
+from polymodal.data.token_data import TokenSpec, check_tokens, pick_crop, read_token_specs, token_folders
 from polymodal.data.transforms import ImageTransform
 from polymodal.distributed import Placement, placement
 
@@ -224,8 +224,7 @@ class ShardLoader:
         self.num_workers = check_config(cfg, self.urls, self.where)
         weights = weights_per_shard(entries, cfg.shard_weights) if cfg.shard_weights else None
         # Token sets describe themselves in their stats.json: the source's folders and the joined ones.
-        folders = sorted({os.path.dirname(u) for u in self.urls if "://" not in u}) + list(cfg.join)
-        self.token_specs = read_token_specs(folders)
+        self.token_specs = read_token_specs(token_folders(self.urls, cfg.join))
         self.dataset = ShardDataset(cfg, self.urls, self.where, tokenizer, weights, self.token_specs)
         self.epoch = 0
         self._states: dict[int, dict] = {}

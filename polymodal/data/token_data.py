@@ -11,6 +11,7 @@ the sample's augmentation RNG, so a new epoch (or a repeat) picks afresh and a r
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,19 @@ def read_token_specs(folders: list[str]) -> dict[str, TokenSpec]:
         if tokens:
             specs[tokens["modality"]] = TokenSpec.from_stats(tokens)
     return specs
+
+
+def token_folders(urls: list[str], join: list[str]) -> list[str]:
+    """The folders whose stats.json may describe a token set: those of the source's shards, and the joined ones."""
+    return sorted({os.path.dirname(u) for u in urls if "://" not in u}) + list(join)
+
+
+def data_token_specs(shards: Any, join: list[str]) -> dict[str, TokenSpec]:
+    """modality name -> spec of every token set a data config (its `shards` and `join`) reads."""
+    from polymodal.data.shardlist import expand_entries
+
+    urls = [url for entry in expand_entries(shards) for url in entry]
+    return read_token_specs(token_folders(urls, join))
 
 
 def check_tokens(name: str, array: np.ndarray, spec: TokenSpec | None) -> np.ndarray:

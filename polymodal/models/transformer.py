@@ -37,6 +37,13 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class Embedding(nn.Embedding):
+    """Token embeddings with the truncated normal (std 0.02) of 4M and timm, set in the constructor (see Linear)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+
 class Mlp(nn.Module):
     """GELU MLP with timm's names (fc1, fc2). Ours, not timm.layers.Mlp, for the constructor-time init above."""
 
@@ -138,7 +145,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, packing: Packing | None = None, *, context: torch.Tensor | None = None,
                 context_packing: Packing | None = None, causal: Any = False, mask: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, rope: RotaryEmbedding2D | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cross_packing: Packing | None = None) -> torch.Tensor:
+        """`cross_packing` splits packed queries for the cross-attention differently from `packing` (4M's decoder:
+        self-attention within each sample's target modality, cross-attention per sample); default `packing`."""
         if hasattr(self, "attn"):
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), packing, causal=causal, mask=mask, rope=rope,
                                                        positions=positions)))
@@ -148,8 +157,8 @@ class Block(nn.Module):
             if (packing is None) != (context_packing is None):
                 raise ValueError("packed queries need packed context (context_packing), and padded need padded")
             x = x + self.drop_path_cross(self.ls_cross(self.cross_attn(
-                self.norm_cross(x), packing, context=self.norm_context(context), context_packing=context_packing,
-                mask=context_mask)))
+                self.norm_cross(x), cross_packing or packing, context=self.norm_context(context),
+                context_packing=context_packing, mask=context_mask)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -257,5 +266,5 @@ def attention_flops(lengths_q, lengths_k, heads: int, head_dim: int) -> float:
     return sum(4.0 * heads * head_dim * lq * lk for lq, lk in zip(lengths_q, lengths_k))
 
 
-__all__ = ["Attention", "Block", "LearnedPositions", "Linear", "Mlp", "RotaryEmbedding2D", "SwiGLU", "Transformer",
+__all__ = ["Attention", "Block", "Embedding", "LearnedPositions", "Linear", "Mlp", "RotaryEmbedding2D", "SwiGLU", "Transformer",
            "attention_flops", "grid_positions", "sincos_1d", "sincos_2d", "sincos_grid"]

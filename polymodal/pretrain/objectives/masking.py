@@ -1,6 +1,7 @@
-"""Masking for the masked multimodal objectives (MultiMAE, 4M): which tokens of each sample the encoder sees.
+"""Masking for the masked multimodal objectives (MultiMAE, 4M): how many tokens of each modality a sample's encoder
+sees (and, for 4M, predicts), and which.
 
-Everything here runs on the batch's device, vectorised over the batch (one argsort per call, no per-sample Python
+Everything here runs on the batch's device, vectorised over the batch (a few argsorts per call, no per-sample Python
 loop), and draws from torch's global generator, which the engine seeds and checkpoints per rank: a resumed run
 draws the same masks as one that never stopped. Nothing runs in loader workers.
 
@@ -24,40 +25,83 @@ def draw_budget(batch_size: int, num_visible: int | Sequence[int], device: torch
     return torch.randint(lo, hi + 1, (batch_size,), device=device)
 
 
-def dirichlet_shares(present: torch.Tensor, alpha: float | Sequence[float],
+def dirichlet_shares(present: torch.Tensor, alpha: float | Sequence[float] | torch.Tensor,
                      sample_modalities_uniformly: bool = False) -> torch.Tensor:
-    """Each sample's split of its visible budget across modalities, float [B, M], rows summing to 1 over the
-    modalities it has (`present`, bool [B, M]); absent modalities get 0.
+    """Each sample's split of its budget across modalities, float [B, M], rows summing to 1 over the modalities it
+    has (`present`, bool [B, M]); absent modalities get 0.
 
     A Dirichlet(alpha) draw per sample, renormalised over the present modalities (the Dirichlet restricted to a
-    subset of its coordinates is again a Dirichlet with those alphas). With `sample_modalities_uniformly`
-    (MultiMAE's option), a uniformly drawn non-empty subset of the present modalities shares the budget first."""
+    subset of its coordinates is again a Dirichlet with those alphas). `alpha` is one value, one per modality, or
+    one per sample and modality ([B, M], a mixture's picks); an alpha of 0 means "never" (4M's rgb2all gives the
+    other modalities 0 input share). With `sample_modalities_uniformly` (MultiMAE's option), a uniformly drawn
+    non-empty subset of the present modalities shares the budget first."""
     b, m = present.shape
-    concentration = torch.as_tensor(alpha, dtype=torch.float32, device=present.device).expand(m)
-    # Gamma draws normalised = Dirichlet; torch samples them on the device.
-    gammas = torch.distributions.Gamma(concentration, torch.ones_like(concentration)).sample((b,))
-    keep = present.clone()
+    concentration = torch.as_tensor(alpha, dtype=torch.float32, device=present.device).expand(b, m)
+    # Gamma draws normalised = Dirichlet; torch samples them on the device. 1e-9 stands in for 0 (as 4M's eps).
+    gammas = torch.distributions.Gamma(concentration.clamp_min(1e-9), torch.ones_like(concentration)).sample()
+    keep = present & (concentration > 0)
     if sample_modalities_uniformly:
         # Rejection sampling of Bernoulli(0.5) subsets until non-empty: uniform over non-empty subsets.
         pick = torch.rand(b, m, device=present.device) < 0.5
-        pick &= present
-        empty = ~pick.any(1) & present.any(1)
+        pick &= keep
+        empty = ~pick.any(1) & keep.any(1)
         while empty.any():
-            redraw = (torch.rand(b, m, device=present.device) < 0.5) & present
+            redraw = (torch.rand(b, m, device=present.device) < 0.5) & keep
             pick = torch.where(empty[:, None], redraw, pick)
-            empty = ~pick.any(1) & present.any(1)
+            empty = ~pick.any(1) & keep.any(1)
         keep = pick
     weights = gammas * keep
-    # A row where every present Gamma underflowed to 0 (tiny alphas) gets an even split instead of 0/0.
+    # A row where every kept Gamma underflowed to 0 (tiny alphas) gets an even split instead of 0/0.
     total = weights.sum(1, keepdim=True)
     even = keep.float() / keep.sum(1, keepdim=True).clamp_min(1)
     return torch.where(total > 0, weights / total.clamp_min(1e-30), even)
+
+
+def mixture_shares(present: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """4M's mixture of Dirichlets: per sample, pick component k with probability `weights[k]` (float [K]), then draw
+    its shares with `alphas[k]` (float [K, M]). Returns (shares [B, M], the picked components int64 [B]), so that a
+    second draw (4M's target budget) can use the same components."""
+    picks = torch.multinomial(weights.to(present.device, torch.float32), present.shape[0], replacement=True)
+    return dirichlet_shares(present, alphas.to(present.device)[picks]), picks
 
 
 def segment_ids(segments: Sequence[int], device: torch.device | str) -> torch.Tensor:
     """The modality index of each of the N tokens, int64 [N]."""
     return torch.repeat_interleave(torch.arange(len(segments), device=device),
                                    torch.as_tensor(list(segments), device=device))
+
+
+def split_budget(shares: torch.Tensor, capacity: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Token counts per sample and modality, int64 [B, M]: each sample gets exactly min(budget, its total
+    capacity), no modality more than its `capacity` (int [B, M]; 0 for an absent modality), each near
+    round(share * budget) (`shares` float [B, M]).
+
+    As MultiMAE rounds: a modality wants round(share * budget) of its capacity; the rounding (and any capacity it
+    could not use) is then fixed by one argsort over every sample's capacity slots, which ranks the wanted slots
+    first (in random order), then the other free slots (in random order), then slots beyond the capacity."""
+    b, m = shares.shape
+    device = shares.device
+    capacity = capacity.long().clamp_min(0)
+    segments = capacity.amax(0) if b else torch.zeros(m, dtype=torch.long, device=device)
+    seg = segment_ids(segments.tolist(), device)  # [S] the modality of each slot
+    if seg.numel() == 0:
+        return torch.zeros(b, m, dtype=torch.long, device=device)
+    within = torch.arange(seg.numel(), device=device) - (segments.cumsum(0) - segments)[seg]
+    free = within < capacity[:, seg]
+    want = (shares * budget[:, None]).round().long().minimum(capacity)
+    wanted = within < want[:, seg]  # the slots of one modality are interchangeable: its first `want` will do
+    noise = torch.rand(b, seg.numel(), device=device)
+    key = torch.where(free, (~wanted).to(noise.dtype) + noise, torch.full_like(noise, 2.0))
+    position = torch.empty(b, seg.numel(), dtype=torch.long, device=device)
+    position.scatter_(1, key.argsort(1), torch.arange(seg.numel(), device=device).expand(b, -1))
+    taken = position < torch.minimum(budget.long(), capacity.sum(1))[:, None]
+    return torch.zeros(b, m, dtype=torch.long, device=device).scatter_add_(1, seg.expand(b, -1), taken.long())
+
+
+def random_ranks(batch_size: int, tokens: int, device: torch.device | str) -> torch.Tensor:
+    """A uniformly random permutation of 0..tokens-1 per sample, int64 [B, tokens]: token i's rank."""
+    return torch.rand(batch_size, tokens, device=device).argsort(1).argsort(1)
 
 
 def draw_visible(present: torch.Tensor, segments: Sequence[int], budget: torch.Tensor,
@@ -69,31 +113,22 @@ def draw_visible(present: torch.Tensor, segments: Sequence[int], budget: torch.T
     - `budget` int [B]: visible tokens per sample. A sample gets exactly min(budget, tokens of its present
       modalities).
 
-    As MultiMAE: modality i gets round(share_i * budget) tokens, drawn uniformly within it; rounding is then fixed
-    so the total is exact, by one argsort over all tokens that ranks the chosen tokens first (in random order), then
-    the other present tokens (in random order), then absent ones."""
+    The budget is split by a Dirichlet(alpha) draw (`dirichlet_shares`, `split_budget`); each modality's tokens are
+    then drawn uniformly within it."""
     b, m = present.shape
     if len(segments) != m:
         raise ValueError(f"{m} modalities are marked present or absent, but {len(segments)} segments are given")
     device = present.device
+    sizes = torch.as_tensor(list(segments), device=device)
+    counts = split_budget(dirichlet_shares(present, alpha, sample_modalities_uniformly), present * sizes, budget)
     seg = segment_ids(segments, device)  # [N]
-    n = seg.numel()
-    counts = (dirichlet_shares(present, alpha, sample_modalities_uniformly) * budget[:, None]).round()  # [B, M]
     # Each token's rank within its modality: sort by (modality, noise), then subtract the modality's start.
-    noise = torch.rand(b, n, device=device)
-    order = (seg.to(noise.dtype) + noise).argsort(1)
-    starts = torch.cumsum(torch.as_tensor([0, *segments[:-1]], device=device), 0)
+    n = seg.numel()
+    order = (seg.float() + torch.rand(b, n, device=device)).argsort(1)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n, device=device).expand(b, n) - starts[seg[order]])
-    chosen = rank < counts.gather(1, seg.expand(b, n))
-    token_present = present.gather(1, seg.expand(b, n))
-    # Sort key: chosen tokens in [0, 1), other present tokens in [1, 2), absent tokens 2 (never kept: see `take`).
-    key = torch.where(token_present, (~chosen).to(noise.dtype) + torch.rand_like(noise), torch.full_like(noise, 2.0))
-    position = torch.empty_like(order)
-    position.scatter_(1, key.argsort(1), torch.arange(n, device=device).expand(b, n))
-    available = (present * torch.as_tensor(list(segments), device=device)).sum(1)
-    take = torch.minimum(budget, available)
-    return position < take[:, None]
+    rank.scatter_(1, order, torch.arange(n, device=device).expand(b, n) - (sizes.cumsum(0) - sizes)[seg[order]])
+    return rank < counts.gather(1, seg.expand(b, n))
 
 
-__all__ = ["dirichlet_shares", "draw_budget", "draw_visible", "segment_ids"]
+__all__ = ["dirichlet_shares", "draw_budget", "draw_visible", "mixture_shares", "random_ranks", "segment_ids",
+           "split_budget"]
