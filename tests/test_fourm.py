@@ -7,16 +7,18 @@ resumes bitwise."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
 import yaml
 
-from conftest import export_tokenizer
+from conftest import REPO, export_tokenizer, polymodal_cmd, subprocess_env
 from polymodal.data.config import DataConfig
 from polymodal.data.errors import ConfigError
 from polymodal.data.pipeline import ShardLoader
 from polymodal.distributed import Placement
+from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule, filter_logits
 from polymodal.pretrain.config import load_pretrain_config
 from polymodal.pretrain.objectives import build_objective
 from polymodal.pretrain.objectives.masking import dirichlet_shares, mixture_shares, split_budget
@@ -226,6 +228,97 @@ def test_loss_types_average_per_modality_or_per_token(tokenized_emoji, batches):
     assert low <= b["loss"].item() <= high and b["loss"].item() != pytest.approx(a["loss"].item(), rel=1e-4)
 
 
+# --------------------------------------------------------------------------------------------------- generation
+
+@pytest.fixture(scope="module")
+def trained(tokenized_emoji, batches):
+    """The small model after 30 steps on real tokens, with condition dropout (so guidance has a use)."""
+    root, _ = tokenized_emoji
+    objective = fourm(root, condition_dropout=0.2)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(30):
+        loss = objective(batches[step % 4])["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return objective.eval()
+
+
+def image_condition(batches):
+    return {"tok_rgb": batches[4]["tok_rgb"][:6]}
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_kv_cached_decoding_equals_rerunning_the_decoder_token_for_token(trained, batches, cfg):
+    generator = FourMGenerator(trained, Sampling(temperature=0, cfg=cfg))
+    given = {k: generator._flat(k, v) for k, v in image_condition(batches).items()}
+    cached = generator.generate_sequence(given, "tok_caption", 6, cache=True)
+    rerun = generator.generate_sequence(given, "tok_caption", 6, cache=False)
+    assert torch.equal(cached[0], rerun[0]) and torch.equal(cached[1], rerun[1])
+
+
+def test_the_kv_cache_gives_the_full_decoders_logits_along_a_real_caption(trained, batches):
+    from polymodal.models.fourm import Tokens
+
+    model, generator = trained.model, FourMGenerator(trained)
+    given = {k: generator._flat(k, v) for k, v in image_condition(batches).items()}
+    captions = batches[4]["tok_caption"][:6, :8]
+    positions = torch.arange(captions.shape[1]).expand(6, -1)
+    with torch.no_grad():
+        encoded, at = model.encode(generator.inputs(given), packed=False)
+        whole = model.decode(encoded, at, {"tok_caption": Tokens(captions, positions, torch.ones_like(captions).bool())})
+        whole = whole["tok_caption"].view(6, captions.shape[1], -1)
+        caches = model.decoder.new_caches()
+        for t in range(captions.shape[1]):
+            x = model.embed_tokens("tok_caption", Tokens(captions[:, t:t + 1], positions[:, t:t + 1], None))
+            step = model.heads["tok_caption"](model.decoder.step(x, caches, encoded, at.pad_mask)[:, -1])
+            torch.testing.assert_close(step, whole[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_chained_generation_runs_seeded_and_ends_sequences_with_eos(trained, batches):
+    conditions = {"tok_caption": (batches[4]["tok_caption"][:3], batches[4]["tok_caption_lengths"][:3])}
+    for schedule in ("maskgit:4", "roar:8"):
+        generator = FourMGenerator(trained, Sampling(temperature=1.0, top_k=100), Schedule.parse(schedule), seed=3)
+        out = generator.generate(conditions, ["tok_rgb", "tok_caption"])
+        again = FourMGenerator(trained, Sampling(temperature=1.0, top_k=100), Schedule.parse(schedule), seed=3)
+        assert torch.equal(out["tok_rgb"], again.generate(conditions, ["tok_rgb", "tok_caption"])["tok_rgb"])
+        assert out["tok_rgb"].shape == (3, 8, 8) and 0 <= int(out["tok_rgb"].min()) and int(out["tok_rgb"].max()) < 1000
+        ids, lengths = out["tok_caption"]
+        assert (ids[torch.arange(3), lengths - 1] == trained.config.eos_id).all()
+    other_seed = FourMGenerator(trained, Sampling(temperature=1.0), Schedule.parse("roar:8"), seed=4)
+    assert not torch.equal(other_seed.generate(conditions, ["tok_rgb"])["tok_rgb"], out["tok_rgb"])
+    unconditional = FourMGenerator(trained, Sampling(temperature=1.0)).generate({}, ["tok_rgb"], batch_size=2)
+    assert unconditional["tok_rgb"].shape == (2, 8, 8)
+
+
+def test_schedules_decode_every_token_once_and_bad_ones_are_refused():
+    for text, n in (("maskgit:8", 64), ("roar:16", 256), ("maskgit:16", 64), ("roar:100", 10)):
+        counts = Schedule.parse(text).counts(n)
+        assert sum(counts) == n and min(counts) >= 1 and len(counts) == min(int(text.split(":")[1]), n)
+    maskgit = Schedule.parse("maskgit:8").counts(64)
+    assert maskgit[0] < maskgit[-1]  # MaskGIT decodes few tokens first, more later
+    for bad in ("cosine:8", "maskgit", "roar:0"):
+        with pytest.raises(ConfigError, match="schedule"):
+            Schedule.parse(bad)
+
+
+def test_top_k_and_top_p_keep_the_likeliest_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).log_softmax(-1)
+    assert torch.isfinite(filter_logits(logits, top_k=2)).sum() == 2
+    probs = logits.softmax(-1)[0]
+    nucleus = torch.isfinite(filter_logits(logits, top_p=float(probs[0] + probs[1] / 2)))[0]
+    assert nucleus.tolist() == [True, True, False, False, False]
+
+
+def test_a_condition_or_target_the_model_was_not_trained_on_is_refused(trained, batches):
+    generator = FourMGenerator(trained)
+    with pytest.raises(ConfigError, match="tok_depth"):
+        generator.generate({"tok_depth": batches[0]["tok_rgb"]}, ["tok_caption"])
+    with pytest.raises(ConfigError, match="tok_depth"):
+        generator.generate(image_condition(batches), ["tok_depth"])
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 
 def test_bad_configs_name_the_key(tokenized_emoji, batches):
@@ -300,3 +393,16 @@ def test_zero3_bf16_two_ranks_resume_bitwise(tokenized_emoji, emoji_shards, tmp_
     copy_as_stopped_after_step_2(whole, resumed)
     pretrain(resumed, "resume=latest")
     assert step_losses(resumed) == step_losses(whole) and len(step_losses(whole)) == 4
+
+    # `polymodal generate` on the trained run: text in, tokens through the run's tokenizers, PNG and text out.
+    printed = polymodal("generate", str(whole), "--condition", "caption=grinning face", "--target", "rgb,caption",
+                        "--schedule", "roar:4", "--cfg", "2", "--samples", "2", "--out", str(tmp_path / "gen"))
+    result = json.loads(printed.splitlines()[-1])
+    assert result["targets"] == ["tok_rgb", "tok_caption"] and len(result["texts"]["tok_caption"]) == 2
+    from PIL import Image
+
+    with Image.open(tmp_path / "gen" / "generated.png") as grid:
+        assert grid.size[1] > grid.size[0] / 2  # two rows of one generated image each
+    bad = subprocess.run(polymodal_cmd() + ["generate", str(whole), "--condition", "depth=x.png", "--target", "rgb"],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "depth" in bad.stderr and "Traceback" not in bad.stderr

@@ -136,7 +136,8 @@ class FourM(nn.Module):
                              context_packing=encoded_at.packing, causal=per_sequence)
             flat, flat_owner = x, owner
         else:
-            mask = _dense_decoder_mask(owner, at.pad_mask, causal)
+            by_index = torch.tensor([m.is_sequence for m in self.modalities.values()], device=keep.device)
+            mask = _dense_decoder_mask(owner, at.pad_mask, by_index)
             x = self.decoder(x, mask=mask, context=encoded, context_mask=encoded_at.pad_mask)
             flat, flat_owner = x[at.pad_mask], owner[at.pad_mask]
         names = list(targets)
@@ -151,7 +152,7 @@ class FourM(nn.Module):
 def _dense_decoder_mask(owner: torch.Tensor, valid: torch.Tensor, causal_by_modality: torch.Tensor) -> torch.Tensor:
     """4M's decoder mask as a dense bool [B, 1, L, L] (True attends): a token sees the tokens of its own sample's
     modality (for sequences only the ones before it and itself); a padding token sees itself, so no row is
-    empty."""
+    empty. `owner` holds each token's modality index, `causal_by_modality` whether each modality is a sequence."""
     same = owner[:, :, None] == owner[:, None, :]
     length = owner.shape[1]
     earlier = torch.ones(length, length, dtype=torch.bool, device=owner.device).tril()

@@ -16,6 +16,7 @@ Weights are initialised inside each layer's own constructor (`Linear.reset_param
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from polymodal.models.attention import Packing, attention
+
+
+@dataclass
+class KVCache:
+    """One attention layer's keys and values for incremental decoding, [B, H, L, D]: self-attention appends each
+    new token's; cross-attention computes the context's once and keeps them."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 class Linear(nn.Linear):
@@ -111,6 +121,31 @@ class Attention(nn.Module):
                             dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
+    def step(self, x: torch.Tensor, cache: KVCache, context: torch.Tensor | None = None,
+             context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Incremental decoding, padded `[B, n, C]`: self-attention adds the n new tokens' keys and values to
+        `cache` and attends causally over all of them; cross-attention projects `context` into `cache` on its
+        first call and reuses it after."""
+        split = lambda t, n: t.unflatten(-1, (n, self.heads, self.head_dim)).unbind(-3)  # noqa: E731
+        heads_first = lambda t: t.transpose(1, 2)  # noqa: E731 - [B, L, H, D] -> [B, H, L, D]
+        mask = None
+        if self.cross:
+            (q,) = split(self.q(x), 1)
+            if cache.k is None:
+                k, v = split(self.kv(context), 2)
+                cache.k, cache.v = heads_first(self.k_norm(k)), heads_first(v)
+            mask = context_mask
+        else:
+            q, k, v = split(self.qkv(x), 3)
+            k, v = heads_first(self.k_norm(k)), heads_first(v)
+            cache.k = k if cache.k is None else torch.cat([cache.k, k], 2)
+            cache.v = v if cache.v is None else torch.cat([cache.v, v], 2)
+            n, total = x.shape[1], cache.k.shape[2]
+            if n > 1:  # new token i sees the cached ones and new ones up to itself
+                mask = torch.arange(total, device=x.device) <= (total - n + torch.arange(n, device=x.device))[:, None]
+        out = attention(heads_first(self.q_norm(q)), cache.k, cache.v, mask=mask, backend=self.backend)
+        return self.proj(out.transpose(1, 2).flatten(-2))
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: [x += attn(norm(x))]; [x += cross_attn(norm(x), context)]; x += mlp(norm(x)).
@@ -161,6 +196,17 @@ class Block(nn.Module):
                 context_packing=context_packing, mask=context_mask)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def step(self, x: torch.Tensor, caches: tuple[KVCache, KVCache], context: torch.Tensor | None = None,
+             context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` for incremental decoding (padded, eval mode) with this block's (self, cross) caches."""
+        own, cross = caches
+        if hasattr(self, "attn"):
+            x = x + self.ls1(self.attn.step(self.norm1(x), own))
+        if hasattr(self, "cross_attn"):
+            x = x + self.ls_cross(self.cross_attn.step(self.norm_cross(x), cross, self.norm_context(context)
+                                                       if cross.k is None else None, context_mask))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
 
 class Transformer(nn.Module):
     """A stack of `Block`s and a final norm. `cross_attention=True` makes a decoder (each block also attends to
@@ -184,6 +230,17 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, packing, use_reentrant=False, **kwargs)
             else:
                 x = block(x, packing, **kwargs)
+        return self.norm(x)
+
+    def new_caches(self) -> list[tuple[KVCache, KVCache]]:
+        return [(KVCache(), KVCache()) for _ in self.blocks]
+
+    def step(self, x: torch.Tensor, caches: list[tuple[KVCache, KVCache]], context: torch.Tensor | None = None,
+             context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The new tokens `x` [B, n, C] through every block, each block's keys and values kept in `caches`
+        (`new_caches()` to start): autoregressive decoding without recomputing the prefix."""
+        for block, cache in zip(self.blocks, caches):
+            x = block.step(x, cache, context, context_mask)
         return self.norm(x)
 
 
@@ -266,5 +323,5 @@ def attention_flops(lengths_q, lengths_k, heads: int, head_dim: int) -> float:
     return sum(4.0 * heads * head_dim * lq * lk for lq, lk in zip(lengths_q, lengths_k))
 
 
-__all__ = ["Attention", "Block", "Embedding", "LearnedPositions", "Linear", "Mlp", "RotaryEmbedding2D", "SwiGLU", "Transformer",
+__all__ = ["Attention", "Block", "Embedding", "KVCache", "LearnedPositions", "Linear", "Mlp", "RotaryEmbedding2D", "SwiGLU", "Transformer",
            "attention_flops", "grid_positions", "sincos_1d", "sincos_2d", "sincos_grid"]

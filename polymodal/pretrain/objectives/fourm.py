@@ -76,11 +76,15 @@ class FourMConfig:
     qk_norm: bool = False
     global_tokens: int = 1
     loss_type: str = "modality"
+    # The share of samples trained with every input dropped (only the global tokens): the unconditional model that
+    # classifier-free guidance subtracts at generation.
+    condition_dropout: float = 0.0
     # Encoder and decoder run packed (variable length); false pads every sample with dense masks (4M's way).
     packed: bool = True
     attention_backend: str = "auto"
     # Sequence vocabularies: polymodal's WordPiece layout ([PAD], [UNK], [EOS], then the sentinels [S_0]...).
     pad_id: int = 0
+    eos_id: int = SPECIALS.index("[EOS]")
     first_sentinel: int = len(SPECIALS)
     sentinels: int = 0  # 0: just enough for the longest sequence (max_length // 2 + 2)
 
@@ -99,6 +103,9 @@ class FourMObjective(Objective):
         if not any(m.input for m in self.modality_configs.values()) or not any(
                 m.target for m in self.modality_configs.values()):
             raise ConfigError("config key 'objective.modalities': needs at least one input and one target modality")
+        if not 0 <= config.condition_dropout < 1:
+            raise ConfigError(f"config key 'objective.condition_dropout': a share in [0, 1), got "
+                              f"{config.condition_dropout}")
         if config.loss_type not in LOSS_TYPES:
             raise ConfigError(f"config key 'objective.loss_type': one of {', '.join(LOSS_TYPES)}, got "
                               f"{config.loss_type!r}")
@@ -288,6 +295,11 @@ class FourMObjective(Objective):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs, targets, labels = self.draw_masks(self.read_batch(batch))
         inputs = {n: t for n, t in inputs.items() if self.modality_configs[n].input}
+        if self.training and self.config.condition_dropout > 0:
+            dropped = torch.rand(len(labels[next(iter(labels))]), device=self.sentinel_ids.device)
+            dropped = dropped < self.config.condition_dropout
+            for tokens in inputs.values():
+                tokens.keep = tokens.keep & ~dropped[:, None]
         targets = {n: t for n, t in targets.items() if self.modality_configs[n].target}
         logits = self.model(inputs, targets, self.config.packed)
         out: dict[str, torch.Tensor] = {}
