@@ -319,6 +319,28 @@ def test_a_condition_or_target_the_model_was_not_trained_on_is_refused(trained, 
         generator.generate(image_condition(batches), ["tok_depth"])
 
 
+def test_held_out_cross_entropy_reports_each_modality_beside_its_unigram_baseline(tokenized_emoji, trained, batches):
+    from polymodal.eval.fourm_heldout import held_out_cross_entropy
+
+    root, _ = tokenized_emoji
+    learned = held_out_cross_entropy(trained, batches[4:6], batches[:4])
+    untrained = held_out_cross_entropy(fourm(root).eval(), batches[4:6], batches[:4])
+    assert set(learned) == {"tok_rgb", "tok_caption"}
+    for name, figures in learned.items():
+        assert figures["tokens"] > 100 and figures["unigram"] == pytest.approx(untrained[name]["unigram"])
+        assert figures["cross_entropy"] < untrained[name]["cross_entropy"] - 0.5  # held-out batches
+
+
+def test_shipped_configs_build():
+    from polymodal.pretrain.config import load_pretrain_config
+
+    for name, parameters in (("4m-tiny-cifar", (3e6, 5e6)), ("4m-b", (400e6, 480e6))):
+        cfg = load_pretrain_config(str(REPO / "configs" / f"{name}.yaml"))
+        objective = build_objective(cfg.objective)
+        count = sum(p.numel() for p in objective.parameters())
+        assert parameters[0] < count < parameters[1], (name, count)
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 
 def test_bad_configs_name_the_key(tokenized_emoji, batches):

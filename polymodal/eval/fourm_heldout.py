@@ -1,0 +1,136 @@
+"""Held-out figures of a trained 4M run, each beside a baseline that needs no learning:
+
+- per-modality cross-entropy of the target tokens on held-out token shards, under the run's own masking (seeded),
+  against the unigram baseline: the cross-entropy of the same targets under the training set's target-token
+  frequencies (add-one smoothed), which is the best a model without inputs can do per token;
+- image -> caption: a greedy caption from the image tokens alone; it counts as right when it contains the sample's
+  class name and no other class's name (chance: 1 / classes).
+
+    python -m polymodal.eval.fourm_heldout runs/4m-tiny-cifar --test SHARDS --test-join TOKSET... \\
+        --train SHARDS --train-join TOKSET... --classnames classnames.txt [--batches 20] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from polymodal.data.config import DataConfig
+from polymodal.data.pipeline import ShardLoader
+from polymodal.distributed import Placement
+
+
+def loader(objective, shards: str, join: list[str], batch_size: int, extra: list[str] = ()) -> ShardLoader:
+    cfg = DataConfig(shards=shards, join=list(join), modalities=list(objective.specs) + list(extra), image_size=None,
+                     batch_size=batch_size, num_workers=0, shuffle_buffer=0, shuffle_shards=False, augment=False)
+    return ShardLoader(cfg, where=Placement(0, 1))
+
+
+@torch.no_grad()
+def target_labels(objective, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (logits [T, V], labels [T]) of one held-out batch under the objective's masking."""
+    inputs, targets, labels = objective.draw_masks(objective.read_batch(batch))
+    inputs = {n: t for n, t in inputs.items() if objective.modality_configs[n].input}
+    targets = {n: t for n, t in targets.items() if objective.modality_configs[n].target}
+    logits = objective.model(inputs, targets, objective.config.packed)
+    return {n: (logits[n], labels[n][targets[n].keep]) for n in logits}
+
+
+@torch.no_grad()
+def unigram_counts(objective, batches) -> dict[str, torch.Tensor]:
+    """Each target modality's label frequencies over training batches (masked as in training)."""
+    counts = {n: torch.ones(s.vocab_size) for n, s in objective.specs.items()}  # add-one
+    for batch in batches:
+        _, targets, labels = objective.draw_masks(objective.read_batch(batch))
+        for name, tokens in targets.items():
+            counts[name] += torch.bincount(labels[name][tokens.keep], minlength=len(counts[name])).float()
+    return counts
+
+
+def held_out_cross_entropy(objective, test_batches, train_batches, seed: int = 0) -> dict:
+    """{name: {"cross_entropy", "unigram", "tokens"}} in nats per target token."""
+    torch.manual_seed(seed)
+    counts = unigram_counts(objective, train_batches)
+    log_unigram = {n: (c / c.sum()).log() for n, c in counts.items()}
+    torch.manual_seed(seed + 1)
+    total = {n: [0.0, 0.0, 0] for n in counts}
+    for batch in test_batches:
+        for name, (logits, labels) in target_labels(objective, batch).items():
+            total[name][0] += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+            total[name][1] += float(-log_unigram[name][labels].sum())
+            total[name][2] += labels.numel()
+    return {n: {"cross_entropy": ce / max(k, 1), "unigram": uni / max(k, 1), "tokens": k}
+            for n, (ce, uni, k) in total.items() if k}
+
+
+def caption_accuracy(objective, batches, image: str, caption: str, classnames: list[str]) -> dict:
+    """Greedy captions from `image` tokens alone; right when the caption names the true class and no other."""
+    from polymodal.generate.fourm_generate import FourMGenerator, Sampling
+    from polymodal.tokenizers.registry import load
+
+    text = load(objective.modality_configs[caption].tokenizer)
+    generator = FourMGenerator(objective, Sampling(temperature=0))
+    names = [c.lower() for c in classnames]
+    right = total = 0
+    examples = []
+    for batch in batches:
+        ids, lengths = generator.generate({image: batch[image]}, [caption])[caption]
+        for row, n, label in zip(ids, lengths, batch["label"].tolist()):
+            words = text.decode([int(i) for i in row[: n - 1]]).lower()
+            named = [i for i, c in enumerate(names) if c in words]
+            right += named == [label]
+            total += 1
+            if len(examples) < 10:
+                examples.append({"caption": words, "class": names[label]})
+    return {"accuracy": right / max(total, 1), "samples": total, "chance": 1 / len(names), "examples": examples}
+
+
+def main(argv=None) -> int:
+    from polymodal.pretrain.export import load_exported
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("run")
+    parser.add_argument("--test", required=True, help="held-out source shards")
+    parser.add_argument("--test-join", nargs="+", required=True, help="their token sets")
+    parser.add_argument("--train", required=True, help="training source shards (for the unigram baseline)")
+    parser.add_argument("--train-join", nargs="+", required=True)
+    parser.add_argument("--classnames", help="classnames.txt: also caption images and score the class named")
+    parser.add_argument("--image", default="tok_rgb")
+    parser.add_argument("--caption", default="tok_caption")
+    parser.add_argument("--batches", type=int, default=20, help="batches of 100 from each set (default 20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the result as JSON here too")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    objective = load_exported(run / "model.safetensors" if run.is_dir() else run)
+    extra = ["label"] if args.classnames else []
+
+    def take(shards, join):
+        batches = []
+        for batch in loader(objective, shards, join, 100, extra):
+            batches.append(batch)
+            if len(batches) == args.batches:
+                break
+        return batches
+
+    test, train = take(args.test, args.test_join), take(args.train, args.train_join)
+    result = {"run": str(run), "test_samples": sum(len(b["__key__"]) for b in test),
+              "cross_entropy": held_out_cross_entropy(objective, test, train, args.seed)}
+    for figures in result["cross_entropy"].values():
+        figures["bits_saved_per_token"] = (figures["unigram"] - figures["cross_entropy"]) / math.log(2)
+    if args.classnames:
+        classnames = Path(args.classnames).read_text().splitlines()
+        result["image_to_caption"] = caption_accuracy(objective, test, args.image, args.caption, classnames)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
