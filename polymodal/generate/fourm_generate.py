@@ -201,10 +201,11 @@ class FourMGenerator:
             done.scatter_(1, picked, True)
         return decoded
 
-    def generate_sequence(self, given: dict, name: str, batch: int, cache: bool = True) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
+    def generate_sequence(self, given: dict, name: str, batch: int, cache: bool = True,
+                          stop: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Autoregressive decoding of sequence modality `name` after the first sentinel: (ids [B, L], ending with
-        [EOS] as the token sets' sequences do; lengths [B] with it)."""
+        [EOS] as the token sets' sequences do; lengths [B] with it). `stop=False` decodes max_length - 1 tokens
+        whatever comes (for timing)."""
         spec = self.objective.specs[name]
         device = next(self.model.parameters()).device
         sentinels = self.objective.sentinel_ids.to(device)
@@ -226,7 +227,7 @@ class FourMGenerator:
                             self.generator)
             out.append(torch.where(finished, torch.full_like(ids, self.objective.config.pad_id), ids))
             finished |= torch.isin(ids, sentinels) | (ids == eos)
-            if bool(finished.all()):
+            if stop and bool(finished.all()):
                 break
             tokens = torch.cat([tokens, ids[:, None]], 1)
         generated = torch.stack(out, 1)

@@ -1,0 +1,198 @@
+"""4M training speed: our `4m` objective against a re-implementation of ml-4m's mechanism
+(benchmarks/fourm_reference.py), on the same model, weights, batches and real data, in one run.
+
+  ours  raw token batches (image tokens and WordPiece captions) go to the objective, which masks them on the device
+        inside the step (vectorised: the mixture of Dirichlets, exact budgets, span masking) and runs encoder and
+        decoder packed: no sample padded to a fixed count; attention through our attention function.
+  peer  masking per sample in Python inside DataLoader workers (--workers; ml-4m's UnifiedMasking), every sample at
+        fixed shapes, the encoder and decoder padded to --input-tokens / --target-tokens, every attention written by
+        hand with dense boolean masks (4M's decoder mask).
+
+Timed: samples/s of whole training steps (zero_grad, forward with its masking, backward, AdamW step, loss read
+back), the peer's including the wait for its workers, as in a real run. On this 2-core machine the peer's workers
+share the cores with training, as they would on a laptop; `peer (masked beforehand)` gives the peer's model alone,
+its batches masked before the clock starts (the best a machine with spare cores for workers could do). Data:
+CIFAR-10 training images as 8x8 FSQ tokens plus captions from class-name templates (`polymodal data tokenize`;
+see configs/4m-tiny-cifar.yaml), read once into memory. Rounds interleave the sides; figures are medians; ratio =
+ours / peer. Before timing, both sides take the same batch with the same masks (drawn by ours): their losses must
+agree (the same math, two mechanisms). Peak memory of one step per side is reported too.
+
+    python benchmarks/fourm_step.py                       # tiny 4M (configs/4m-tiny-cifar.yaml), batch 64
+    python benchmarks/fourm_step.py --steps 3 --warmup 1 --rounds 1 --batch-size 8 --max-wait 0    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_common import add_quiet_options, finish, machine_info, timed
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from fourm_reference import ReferenceMasking, as_tokens, collate, reference_loss  # noqa: E402
+
+
+def build(args):
+    from polymodal.pretrain.config import load_pretrain_config
+    from polymodal.pretrain.objectives import build_objective
+
+    cfg = load_pretrain_config(args.config, [f"data.shards={args.shards}", f"data.join=[{','.join(args.join)}]",
+                                             f"data.batch_size={args.batch_size}"])
+    torch.manual_seed(args.seed)
+    return cfg, build_objective(cfg.objective).train()
+
+
+def raw_batches(cfg, count: int) -> list[dict]:
+    from polymodal.data.pipeline import ShardLoader
+    from polymodal.distributed import Placement
+
+    cfg.data.num_workers, cfg.data.shuffle_buffer = 0, 0
+    batches = []
+    for batch in ShardLoader(cfg.data, where=Placement(0, 1)):
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+    sys.exit(f"only {len(batches)} batches in {cfg.data.shards}")
+
+
+def samples_of(objective, batches: list[dict]) -> list[dict]:
+    """Each batch's samples as the reference's dataset holds them (a sequence cut to its length)."""
+    out = []
+    for batch in batches:
+        for i in range(len(batch["__key__"])):
+            sample = {}
+            for name, spec in objective.specs.items():
+                ids = batch[name][i]
+                sample[name] = ids[: batch[f"{name}_lengths"][i]] if spec.is_sequence else ids.flatten()
+            out.append(sample)
+    return out
+
+
+def optimizer_for(model):
+    from polymodal.pretrain.optim import param_groups
+
+    return torch.optim.AdamW(param_groups(model, 0.05, 2e-3), lr=2e-3, betas=(0.9, 0.95))
+
+
+def loss_check(objective, batch) -> dict:
+    """Both mechanisms on the same batch with the same masks: the losses must agree."""
+    torch.manual_seed(1)
+    inputs, targets, labels = objective.draw_masks(objective.read_batch(batch))
+    with torch.no_grad():
+        logits = objective.model(inputs, targets)
+        ours = []
+        for name, lg in logits.items():
+            ours.append(torch.nn.functional.cross_entropy(lg.float(), labels[name][targets[name].keep]))
+        ours = torch.stack(ours).mean().item()
+        peer = reference_loss(objective, inputs, targets, labels).item()
+    return {"ours": ours, "peer": peer, "rel_diff": abs(ours - peer) / abs(ours), "match": abs(ours - peer) < 1e-4 *
+            abs(ours)}
+
+
+def step(objective, optimizer, loss_fn):
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def run_ours(args, objective, optimizer, batches) -> float:
+    for batch in batches[: args.warmup]:
+        step(objective, optimizer, lambda: objective(batch)["loss"])
+    t0 = time.perf_counter()
+    for batch in batches[args.warmup:]:
+        step(objective, optimizer, lambda: objective(batch)["loss"])
+    return args.batch_size * (len(batches) - args.warmup) / (time.perf_counter() - t0)
+
+
+def run_peer(args, objective, optimizer, dataset, premasked: list | None = None) -> float:
+    loader = premasked or torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                                      num_workers=args.workers, collate_fn=collate,
+                                                      persistent_workers=False, prefetch_factor=2 if args.workers
+                                                      else None)
+    n, t0 = 0, None
+    for i, batch in enumerate(loader):
+        if i == args.warmup:
+            t0 = time.perf_counter()
+        step(objective, optimizer, lambda: reference_loss(objective, *as_tokens(objective, batch)))
+        n += i >= args.warmup
+        if i + 1 == args.warmup + args.steps:
+            break
+    return args.batch_size * n / (time.perf_counter() - t0)
+
+
+def peak_memory(fn) -> float | None:
+    try:
+        from attention import HeapPeak
+
+        with HeapPeak() as heap:
+            fn()
+        return heap.bytes / 2 ** 20
+    except (OSError, AttributeError):
+        return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "4m-tiny-cifar.yaml"))
+    parser.add_argument("--shards", default="data-out/cifar10-cap/train")
+    parser.add_argument("--join", nargs="+", default=["data-out/cifar10-cap-tok/train/tok_rgb",
+                                                       "data-out/cifar10-cap-tok/train/tok_caption"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="the peer's masking workers (default 1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "bench-out" / "fourm_step.json"))
+    add_quiet_options(parser)
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    cfg, ours = build(args)
+    peer = build(args)[1]
+    peer.load_state_dict(ours.state_dict())
+    batches = raw_batches(cfg, args.warmup + args.steps)
+    dataset = ReferenceMasking(samples_of(ours, batches), peer)
+    premasked = [collate([dataset[i] for i in range(j, j + args.batch_size)])
+                 for j in range(0, len(dataset), args.batch_size)]
+    check = loss_check(ours, batches[0])
+    print(f"[check] first loss ours {check['ours']:.6f} peer {check['peer']:.6f} (match: {check['match']})")
+    optimizers = {"ours": optimizer_for(ours), "peer": optimizer_for(peer), "peer_premasked": optimizer_for(peer)}
+    runs = {"ours": [], "peer": [], "peer_premasked": []}
+    sides = {"ours": lambda: run_ours(args, ours, optimizers["ours"], batches),
+             "peer": lambda: run_peer(args, peer, optimizers["peer"], dataset),
+             "peer_premasked": lambda: run_peer(args, peer, optimizers["peer_premasked"], dataset, premasked)}
+    for r in range(args.rounds):
+        for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            rate, record = timed(sides[side], args.max_other_load, args.max_wait)
+            record["samples_per_s"] = rate
+            runs[side].append(record)
+            print(f"[round {r}] {side}: {rate:.1f} samples/s (other load {record['other_load']})", flush=True)
+    medians = {side: statistics.median(r["samples_per_s"] for r in records) for side, records in runs.items()}
+    memory = {"ours": peak_memory(lambda: step(ours, optimizers["ours"], lambda: ours(batches[0])["loss"])),
+              "peer": peak_memory(lambda: step(peer, optimizers["peer"],
+                                               lambda: reference_loss(peer, *as_tokens(peer, premasked[0]))))}
+    report = {"benchmark": "benchmarks/fourm_step.py", "settings": vars(args),
+              "parameters": sum(p.numel() for p in ours.parameters()), "machine": machine_info("torch"),
+              "check": check, "samples_per_s": medians, "ratio": medians["ours"] / medians["peer"],
+              "ratio_vs_premasked_peer": medians["ours"] / medians["peer_premasked"], "peak_memory_mb": memory,
+              "runs": runs}
+    print(f"\nsamples/s: ours {medians['ours']:.1f}, peer {medians['peer']:.1f} (masked beforehand "
+          f"{medians['peer_premasked']:.1f}); ours/peer {report['ratio']:.2f}x, ours/premasked "
+          f"{report['ratio_vs_premasked_peer']:.2f}x; peak MB {memory}")
+    return finish(args.out, report, t_start)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
