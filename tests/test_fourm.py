@@ -331,6 +331,27 @@ def test_held_out_cross_entropy_reports_each_modality_beside_its_unigram_baselin
         assert figures["cross_entropy"] < untrained[name]["cross_entropy"] - 0.5  # held-out batches
 
 
+def test_eval_features_come_from_pixels_through_the_image_tokenizer(trained, data_root):
+    from conftest import cifar_test_images
+    from polymodal.models.fourm import Tokens
+    from polymodal.tokenizers.registry import load_image_tokenizer
+
+    normalised = cifar_test_images(data_root, 6, 32)  # ImageNet-normalised: back to uint8 pixels
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    rgb = ((normalised * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    encoder = trained.eval_encoder("4m")
+    assert encoder.image_size == 32
+    features = encoder.encode_image(rgb, normalize=False)
+    assert features.shape == (6, 32) and torch.isfinite(features).all()
+    assert torch.cdist(features, features).fill_diagonal_(1).min() > 0  # different images, different features
+    tokenizer, _ = load_image_tokenizer(trained.modality_configs["tok_rgb"].tokenizer)
+    ids = tokenizer.tokenizer_model.encode(tokenizer.inputs({"rgb": rgb})).flatten(1)
+    with torch.no_grad():
+        encoded, _ = trained.model.encode({"tok_rgb": Tokens(ids, torch.arange(64).expand(6, -1),
+                                                             torch.ones_like(ids).bool())}, packed=False)
+    torch.testing.assert_close(features, encoded[:, 1:].mean(1), atol=1e-5, rtol=1e-4)
+
+
 def test_shipped_configs_build():
     from polymodal.pretrain.config import load_pretrain_config
 

@@ -127,9 +127,11 @@ def open_clip_encoder(name: str, model: nn.Module, tokenizer: Callable) -> Encod
     return Encoder(name, _Call(model, "encode_image"), pre["mean"], pre["std"], int(size), text, tokenizer)
 
 
-def image_features_encoder(name: str, objective: nn.Module) -> Encoder:
-    """An image-only objective's `image_features(normalised images)`, with its config's mean and std."""
-    return Encoder(name, _Call(objective, "image_features"), objective.config.mean, objective.config.std, 224)
+def image_features_encoder(name: str, objective: nn.Module, mean=None, std=None, image_size: int = 224) -> Encoder:
+    """An image-only objective's `image_features(normalised images)`, with its config's mean and std unless
+    given."""
+    return Encoder(name, _Call(objective, "image_features"), objective.config.mean if mean is None else mean,
+                   objective.config.std if std is None else std, image_size)
 
 
 def _polymodal_checkpoint(spec: str) -> Encoder:

@@ -82,6 +82,9 @@ class FourMConfig:
     # Encoder and decoder run packed (variable length); false pads every sample with dense masks (4M's way).
     packed: bool = True
     attention_backend: str = "auto"
+    # `polymodal eval` features: images through this image-token modality's tokenizer, all their tokens given to the
+    # encoder, the mean of its outputs at them.
+    eval_modality: str = "tok_rgb"
     # Sequence vocabularies: polymodal's WordPiece layout ([PAD], [UNK], [EOS], then the sentinels [S_0]...).
     pad_id: int = 0
     eos_id: int = SPECIALS.index("[EOS]")
@@ -329,6 +332,39 @@ class FourMObjective(Objective):
 
     def tokens_in(self, batch: dict[str, Any]) -> int | None:
         return getattr(self, "_tokens", None)
+
+    # ---------------------------------------------------------------------------------------------- features
+
+    def eval_encoder(self, name: str):
+        """Pixels -> the eval modality's tokenizer -> every token into the encoder -> the mean of its outputs at
+        them. The tokenizers take images in [-1, 1]: mean and std 0.5."""
+        from polymodal.eval.encoders import image_features_encoder
+
+        _, size = self._eval_tokenizer()
+        return image_features_encoder(name, self, [0.5] * 3, [0.5] * 3, size or 224)
+
+    def _eval_tokenizer(self):
+        modality = self.config.eval_modality
+        config = self.modality_configs.get(modality)
+        if config is None or self.specs[modality].is_sequence or not config.tokenizer:
+            raise ConfigError(f"config key 'objective.eval_modality': {modality!r} must be an image-token modality "
+                              "whose tokenizer the config names (objective.modalities.<name>.tokenizer)")
+        if "_eval_tokenizer_cache" not in self.__dict__:  # not a submodule: kept out of the state dict
+            from polymodal.tokenizers.registry import load_image_tokenizer
+
+            tokenizer_objective, size = load_image_tokenizer(config.tokenizer)
+            self.__dict__["_eval_tokenizer_cache"] = (tokenizer_objective.tokenizer_model.eval(), size)
+        return self.__dict__["_eval_tokenizer_cache"]
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        tokenizer, _ = self._eval_tokenizer()
+        tokenizer.to(images.device)
+        ids = tokenizer.encode(images.to(next(tokenizer.parameters()).dtype)).flatten(1)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(len(ids), -1)
+        encoded, at = self.model.encode({self.config.eval_modality: Tokens(ids, positions, torch.ones_like(
+            ids, dtype=torch.bool))}, packed=False)
+        return encoded[:, self.config.global_tokens:].float().mean(1)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
