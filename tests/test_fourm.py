@@ -311,6 +311,17 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
     assert nucleus.tolist() == [True, True, False, False, False]
 
 
+def test_log_images_draws_each_image_modality_beside_its_generation_and_writes_texts(trained, batches, tmp_path):
+    from PIL import Image
+
+    out = trained.log_images(batches[4], tmp_path / "step_1.png", max_images=3)
+    with Image.open(out) as grid:
+        assert grid.size[0] > grid.size[1] / 3 * 2 - 1  # three rows of two tiles (truth, generation)
+    texts = json.loads((tmp_path / "step_1.json").read_text())
+    assert len(texts["tok_caption"]["generated"]) == 3 and all(isinstance(t, str) for t in texts["tok_caption"]["true"])
+    assert trained.training is False and trained.log_images(batches[4], None) is None
+
+
 def test_a_condition_or_target_the_model_was_not_trained_on_is_refused(trained, batches):
     generator = FourMGenerator(trained)
     with pytest.raises(ConfigError, match="tok_depth"):
@@ -428,7 +439,8 @@ def test_zero3_bf16_two_ranks_resume_bitwise(tokenized_emoji, emoji_shards, tmp_
                   "checkpoint.keep=5", *extra, ranks=2)
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    pretrain(whole)
+    pretrain(whole, "log.images_every=4")
+    assert sorted(p.name for p in (whole / "images").iterdir()) == ["step_0000004.json", "step_0000004.png"]
     start = start_event(whole)
     assert (start["world_size"], start["zero_stage"], start["precision"]) == (2, 3, "bf16")
     rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]

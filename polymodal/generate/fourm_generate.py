@@ -142,11 +142,12 @@ class FourMGenerator:
 
     @torch.no_grad()
     def generate(self, conditions: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
-                 targets: list[str], batch_size: int = 1) -> dict[str, torch.Tensor | tuple[torch.Tensor,
-                                                                                             torch.Tensor]]:
+                 targets: list[str], batch_size: int = 1, stop: bool = True) -> dict[
+                     str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """Generate `targets` in order, each conditioned on `conditions` and the targets before it. Conditions:
         image ids [B, h, w], or (ids [B, L], lengths [B]) for sequences; none at all generates `batch_size`
-        samples unconditionally. Returns the generated targets alike."""
+        samples unconditionally. Returns the generated targets alike. `stop=False` runs every sequence to its
+        full length (the same number of model calls on every rank, for generation inside a ZeRO-3 run)."""
         self.check_names(conditions, targets)
         self.model.eval()
         given = {name: self._flat(name, value) for name, value in conditions.items()}
@@ -155,7 +156,7 @@ class FourMGenerator:
         for name in targets:
             spec = self.objective.specs[name]
             if spec.is_sequence:
-                ids, lengths = self.generate_sequence(given, name, batch)
+                ids, lengths = self.generate_sequence(given, name, batch, stop=stop)
                 out[name] = (ids, lengths)
             else:
                 ids = self.generate_image(given, name, batch)

@@ -19,7 +19,9 @@ modality's loss and accuracy are logged as `loss_<name>` and `acc_<name>`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -95,6 +97,7 @@ class FourMConfig:
 @register("4m")
 class FourMObjective(Objective):
     Config = FourMConfig
+    draws_images = True
 
     def __init__(self, config: FourMConfig):
         super().__init__(config)
@@ -332,6 +335,46 @@ class FourMObjective(Objective):
 
     def tokens_in(self, batch: dict[str, Any]) -> int | None:
         return getattr(self, "_tokens", None)
+
+    def log_images(self, batch: dict[str, Any], path: str | Path | None, max_images: int = 6) -> Path | None:
+        """For the first samples: each image-like modality (that names its tokenizer) as its tokens decode, beside
+        its greedy generation (MaskGIT, 8 steps) from every other input modality; each sequence generated the same
+        way, in PATH.json beside the PNG with the true one."""
+        from polymodal.generate.fourm_files import decode_images, decode_texts, write_grid
+        from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
+
+        read = self.read_batch({k: (v[:max_images] if isinstance(v, (torch.Tensor, list)) else v)
+                                for k, v in batch.items()})
+        given = {n: (ids, lengths) if self.specs[n].is_sequence else ids.view(-1, *self.specs[n].grid)
+                 for n, (ids, lengths, _) in read.items()}
+        generator = FourMGenerator(self, Sampling(temperature=0), Schedule("maskgit", 8))
+        was_training = self.training
+        columns, texts = [], {}
+        try:
+            for name, spec in self.specs.items():
+                others = {n: v for n, v in given.items() if n != name and self.modality_configs[n].input}
+                if not others or not self.modality_configs[name].target or (
+                        not spec.is_sequence and not self.modality_configs[name].tokenizer):
+                    continue
+                made = generator.generate(others, [name], stop=False)[name]  # stop=False: equal work on every rank
+                if path is None:
+                    continue
+                if spec.is_sequence:
+                    decode = (lambda ids, lengths: decode_texts(self, name, ids, lengths)) if self.modality_configs[
+                        name].tokenizer else (lambda ids, lengths: [r[:n].tolist() for r, n in zip(ids, lengths)])
+                    texts[name] = {"generated": decode(*made), "true": decode(*given[name])}
+                else:
+                    columns += [decode_images(self, name, given[name]), decode_images(self, name, made)]
+        finally:
+            self.train(was_training)
+        if path is None:
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json").write_text(json.dumps(texts, indent=1))
+        if not columns:
+            return None
+        return write_grid([list(row) for row in zip(*columns)], path)
 
     # ---------------------------------------------------------------------------------------------- features
 
