@@ -71,6 +71,21 @@ def test_split_budget_is_exact_within_capacity_and_near_the_shares():
     assert ((counts - shares * budget[:, None]).abs()[roomy] < m).all()
 
 
+def test_without_spill_the_budget_is_split_exactly_then_capped_and_nothing_moves_to_other_modalities():
+    torch.manual_seed(1)
+    b, m = 512, 3
+    present = torch.rand(b, m) < 0.8
+    shares = dirichlet_shares(present, torch.tensor([0.5, 0.5, 0.0]).expand(b, m))  # the third: alpha 0, never
+    budget = torch.randint(1, 40, (b,))
+    unlimited = split_budget(shares, torch.full((b, m), 1000), budget, spill=False)
+    has_share = (shares > 0).any(1)
+    assert torch.equal(unlimited.sum(1)[has_share], budget[has_share]) and (unlimited[:, 2] == 0).all()
+    assert ((unlimited - shares * budget[:, None]).abs() < 1).all()  # largest remainder: each within one token
+    capacity = torch.randint(0, 12, (b, m))
+    capped = split_budget(shares, capacity, budget, spill=False)
+    assert torch.equal(capped, unlimited.minimum(capacity))
+
+
 def test_the_mixture_picks_components_by_weight_and_an_alpha_of_zero_never_gets_tokens():
     torch.manual_seed(0)
     present = torch.ones(4000, 2, dtype=torch.bool)
@@ -93,7 +108,7 @@ def test_image_inputs_and_targets_are_disjoint_and_drawn_exactly(tokenized_emoji
     both = fourm(root)
     inputs, targets, labels = both.draw_masks(both.read_batch(batches[0]))
     total_in = inputs["tok_rgb"].keep.sum(1) + inputs["tok_caption"].keep.sum(1)
-    assert (total_in <= 24).all() and total_in.float().mean() > 20
+    assert (total_in <= 24).all() and total_in.float().mean() > 12
     assert not (inputs["tok_rgb"].keep & targets["tok_rgb"].keep).any()
 
 

@@ -4,7 +4,11 @@
   against the unigram baseline: the cross-entropy of the same targets under the training set's target-token
   frequencies (add-one smoothed), which is the best a model without inputs can do per token;
 - image -> caption: a greedy caption from the image tokens alone; it counts as right when it contains the sample's
-  class name and no other class's name (chance: 1 / classes).
+  class name and no other class's name (chance: 1 / classes);
+- caption -> image: images generated from "a picture showing a {class}." (MaskGIT and ROAR at several step
+  counts), decoded by the image tokenizer and classified by an independent classifier, a softmax regression on
+  the standardised pixels of real training images (fitted here; its accuracy on real held-out images, and on
+  their tokenizer reconstructions, is reported as the ceiling; chance: 1 / classes).
 
     python -m polymodal.eval.fourm_heldout runs/4m-tiny-cifar --test SHARDS --test-join TOKSET... \\
         --train SHARDS --train-join TOKSET... --classnames classnames.txt [--batches 20] [--out result.json]
@@ -89,6 +93,50 @@ def caption_accuracy(objective, batches, image: str, caption: str, classnames: l
     return {"accuracy": right / max(total, 1), "samples": total, "chance": 1 / len(names), "examples": examples}
 
 
+def pixels(batch) -> torch.Tensor:
+    return batch["rgb"].float().flatten(1) / 255
+
+
+class PixelClassifier:
+    """Softmax regression on standardised pixels of real images (C fixed beforehand, not tuned on test data)."""
+
+    def __init__(self, batches, classes: int, C: float = 0.01):
+        from polymodal.eval.linear_probe import fit_softmax_regression
+
+        x = torch.cat([pixels(b) for b in batches])
+        y = torch.cat([b["label"] for b in batches])
+        self.mean, self.std = x.mean(0), x.std(0).clamp_min(1e-6)
+        self.w, self.b = fit_softmax_regression((x - self.mean) / self.std, y, classes, C)
+
+    def __call__(self, images01: torch.Tensor) -> torch.Tensor:
+        x = (images01.float().flatten(1) - self.mean) / self.std
+        return (x @ self.w.T + self.b).argmax(1)
+
+
+def caption_to_image(objective, classify, classnames: list[str], template: str, schedules: list[str], image: str,
+                     caption: str, per_class: int, seed: int) -> dict:
+    """Share of generated images the classifier assigns to the class their caption names."""
+    from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
+    from polymodal.tokenizers.registry import load, load_image_tokenizer
+
+    text = load(objective.modality_configs[caption].tokenizer)
+    decoder = load_image_tokenizer(objective.modality_configs[image].tokenizer)[0].tokenizer_model
+    captions = [torch.cat([text.encode(template.format(c=c)), torch.tensor([objective.config.eos_id])])
+                for c in classnames]
+    width = max(len(c) for c in captions)
+    ids = torch.stack([torch.nn.functional.pad(c, (0, width - len(c))) for c in captions]).repeat_interleave(
+        per_class, 0)
+    lengths = torch.tensor([len(c) for c in captions]).repeat_interleave(per_class)
+    truth = torch.arange(len(classnames)).repeat_interleave(per_class)
+    out = {}
+    for schedule in schedules:
+        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9), Schedule.parse(schedule), seed)
+        tokens = generator.generate({caption: (ids, lengths)}, [image])[image]
+        images01 = (decoder.decode(tokens).clamp(-1, 1) + 1) / 2
+        out[schedule] = float((classify(images01) == truth).float().mean())
+    return {"class_consistency": out, "samples": len(truth), "chance": 1 / len(classnames), "template": template}
+
+
 def main(argv=None) -> int:
     from polymodal.pretrain.export import load_exported
 
@@ -103,6 +151,11 @@ def main(argv=None) -> int:
     parser.add_argument("--image", default="tok_rgb")
     parser.add_argument("--caption", default="tok_caption")
     parser.add_argument("--batches", type=int, default=20, help="batches of 100 from each set (default 20)")
+    parser.add_argument("--generate", nargs="*", default=[], metavar="SCHEDULE",
+                        help="also caption -> image at these schedules (e.g. maskgit:8 roar:16); needs --classnames "
+                             "and rgb in the source shards")
+    parser.add_argument("--template", default="a picture showing a {c}.")
+    parser.add_argument("--per-class", type=int, default=20, help="generated images per class (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the result as JSON here too")
     args = parser.parse_args(argv)
@@ -126,10 +179,43 @@ def main(argv=None) -> int:
     if args.classnames:
         classnames = Path(args.classnames).read_text().splitlines()
         result["image_to_caption"] = caption_accuracy(objective, test, args.image, args.caption, classnames)
+    if args.generate:
+        result["caption_to_image"] = generation_figures(objective, args, classnames)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def generation_figures(objective, args, classnames: list[str]) -> dict:
+    """Fit the pixel classifier on real training images, check it on real held-out ones and on their tokenizer
+    reconstructions, then score images generated from captions."""
+    from polymodal.tokenizers.registry import load_image_tokenizer
+
+    def real(shards, count):
+        cfg = DataConfig(shards=shards, modalities=["rgb", "label"], image_size=32, batch_size=500, num_workers=0,
+                         shuffle_buffer=0, shuffle_shards=False, augment=False)
+        batches = []
+        for batch in ShardLoader(cfg, where=Placement(0, 1)):
+            batches.append(batch)
+            if len(batches) * 500 >= count:
+                return batches
+        return batches
+
+    classify = PixelClassifier(real(args.train, 10000), len(classnames))
+    test = real(args.test, 2000)
+    labels = torch.cat([b["label"] for b in test])
+    images = torch.cat([b["rgb"] for b in test])
+    tokenizer = load_image_tokenizer(objective.modality_configs[args.image].tokenizer)[0]
+    with torch.no_grad():
+        rebuilt = (tokenizer.tokenizer_model.decode(tokenizer.tokenizer_model.encode(
+            tokenizer.inputs({"rgb": images}))).clamp(-1, 1) + 1) / 2
+    result = {"classifier": "softmax regression on standardised pixels of 10,000 real training images, C=0.01",
+              "real_test_accuracy": float((classify(images.float() / 255) == labels).float().mean()),
+              "reconstructed_test_accuracy": float((classify(rebuilt) == labels).float().mean())}
+    result.update(caption_to_image(objective, classify, classnames, args.template, args.generate, args.image,
+                                   args.caption, args.per_class, args.seed))
+    return result
 
 
 if __name__ == "__main__":

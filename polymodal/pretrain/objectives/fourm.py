@@ -5,7 +5,8 @@ joined by key. Per sample, on the device and vectorised over the batch (polymoda
 span_masking, from the engine's seeded generator, so resume is exact; nothing in loader workers):
 
 - one component of a mixture of Dirichlets is picked; its input alphas split `input_tokens` across the modalities
-  the sample has, its target alphas split `target_tokens` (exactly, up to what the sample holds);
+  the sample has, its target alphas split `target_tokens` (exactly, by the largest remainder; as in 4M, a
+  modality's count is then capped at what it holds, and the rest is not handed to the others);
 - an image-like modality shows its input count of tokens, drawn at random, and predicts its target count from
   the rest, so its inputs and targets never overlap;
 - a sequence is span-masked T5-style with sentinels: the input is the kept tokens with one sentinel per masked
@@ -261,11 +262,12 @@ class FourMObjective(Objective):
         lengths = torch.stack([read[n][1] for n in names], 1)
         is_sequence = torch.tensor([self.specs[n].is_sequence for n in names], device=device)
         shares_in, picks = mixture_shares(present, self.input_alphas, self.mixture_weights)
-        counts_in = split_budget(shares_in, lengths, draw_budget(b, self.input_budget, device))
+        counts_in = split_budget(shares_in, lengths, draw_budget(b, self.input_budget, device), spill=False)
         # Image targets come from the tokens not shown; a sequence's target can be its whole span-masked form.
         capacity_out = torch.where(is_sequence, (lengths + 2) * present, lengths - counts_in)
         shares_out = dirichlet_shares(present, self.target_alphas[picks])
-        counts_out = split_budget(shares_out, capacity_out, draw_budget(b, self.target_budget, device))
+        counts_out = split_budget(shares_out, capacity_out, draw_budget(b, self.target_budget, device),
+                                  spill=False)
         keep = self._keep_probabilities(picks, device)
         inputs, targets, labels = {}, {}, {}
         for i, name in enumerate(names):
@@ -327,14 +329,15 @@ class FourMObjective(Objective):
             out["loss"] = total / count
         shown = sum(t.keep.sum() for t in inputs.values())
         predicted = sum(t.keep.sum() for t in targets.values())
-        self._tokens = int(shown + predicted)  # for the engine's tokens/s
+        self._tokens = (shown + predicted).detach()  # for the engine's tokens/s, read when it logs
         batch_size = next(iter(inputs.values())).keep.shape[0]
         out["input_tokens"] = (shown / batch_size).detach().float()
         out["target_tokens"] = (predicted / batch_size).detach().float()
         return out
 
     def tokens_in(self, batch: dict[str, Any]) -> int | None:
-        return getattr(self, "_tokens", None)
+        tokens = getattr(self, "_tokens", None)
+        return None if tokens is None else int(tokens)
 
     def log_images(self, batch: dict[str, Any], path: str | Path | None, max_images: int = 6) -> Path | None:
         """For the first samples: each image-like modality (that names its tokenizer) as its tokens decode, beside

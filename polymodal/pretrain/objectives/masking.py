@@ -72,17 +72,32 @@ def segment_ids(segments: Sequence[int], device: torch.device | str) -> torch.Te
                                    torch.as_tensor(list(segments), device=device))
 
 
-def split_budget(shares: torch.Tensor, capacity: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Token counts per sample and modality, int64 [B, M]: each sample gets exactly min(budget, its total
-    capacity), no modality more than its `capacity` (int [B, M]; 0 for an absent modality), each near
-    round(share * budget) (`shares` float [B, M]).
+def split_budget(shares: torch.Tensor, capacity: torch.Tensor, budget: torch.Tensor, spill: bool = True
+                 ) -> torch.Tensor:
+    """Token counts per sample and modality, int64 [B, M], from each sample's `budget` (int [B]) split by its
+    `shares` (float [B, M]); no modality gets more than its `capacity` (int [B, M]; 0 for an absent modality).
 
-    As MultiMAE rounds: a modality wants round(share * budget) of its capacity; the rounding (and any capacity it
-    could not use) is then fixed by one argsort over every sample's capacity slots, which ranks the wanted slots
-    first (in random order), then the other free slots (in random order), then slots beyond the capacity."""
+    - `spill=True` (MultiMAE: exactly `num_visible` tokens): each sample gets exactly min(budget, its total
+      capacity). A modality wants round(share * budget) of its capacity; the rounding, and any share a modality
+      could not hold, is then settled by one argsort over every sample's capacity slots, which ranks the wanted
+      slots first (in random order), then the other free slots (in random order), then slots beyond capacity.
+    - `spill=False` (4M): the budget is split exactly by the largest-remainder rule (the counts sum to the budget,
+      and a modality with share 0 gets none), then each count is clamped to its capacity; what a full modality
+      could not hold is not handed to the others (so a caption that can take 9 tokens of its 30 does not push
+      the other 21 into the image: the image gets its own share)."""
     b, m = shares.shape
     device = shares.device
     capacity = capacity.long().clamp_min(0)
+    if not spill:
+        exact = shares * budget[:, None]
+        counts = exact.floor().long()
+        # One more token for the modalities with the largest fractional parts, as many as the floors left over
+        # (none for a modality without a share, and none in a row where nothing has a share).
+        remainder = torch.where(shares.sum(1) > 0, budget - counts.sum(1), 0).clamp(0, m)
+        fractions, order = (exact - counts).sort(1, descending=True)
+        extra = ((torch.arange(m, device=device) < remainder[:, None]) & (fractions > 0)).long()
+        counts = counts.scatter_add(1, order, extra)
+        return counts.minimum(capacity)
     segments = capacity.amax(0) if b else torch.zeros(m, dtype=torch.long, device=device)
     seg = segment_ids(segments.tolist(), device)  # [S] the modality of each slot
     if seg.numel() == 0:
