@@ -17,7 +17,7 @@
 #                      repository where it holds them, else wheels/data, where gpu_wheels.sh puts a copy)
 #   --budget SECONDS   all the parts together, setup included (default: 460); a part gets at most what is left
 #   --only "P ..."     run only these parts (setup always runs): pytest_gpu engine_overhead spark_step eval_speed
-#                      attention clip_step tokenize_speed multimae_step
+#                      attention clip_step tokenize_speed multimae_step fourm_generate
 #   --python PY        the interpreter with torch (default: $PYTHON, else python3)
 #
 # It stops at once, with one line and a non-zero exit, before installing anything, when that Python cannot import
@@ -32,7 +32,7 @@ WHEELS=wheels
 DATA_ROOT=
 BUDGET=460
 DRY=0
-ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step tokenize_speed multimae_step"
+ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step tokenize_speed multimae_step fourm_generate"
 OUT_DIR=${OUT:-gpu-check-out}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -114,6 +114,7 @@ PARTS=(
   "clip_step|200|clip_step.json|$QPY benchmarks/clip_step.py --data emoji --workers 4 --steps 8 --warmup 4 --rounds 1 --retries 0 --max-wait 0 --peer-webdataset $PEER_WDS --work-dir $WORKQ/clip-step --out OUTDIR/clip_step.json"
   "tokenize_speed|60|tokenize_speed.json|$QPY benchmarks/tokenize_speed.py --device cuda --encode-only --out OUTDIR/tokenize_speed.json"
   "multimae_step|120|multimae_step.json|$QPY benchmarks/multimae_step.py --device cuda --precision bf16 --image-size 224 --patch-size 16 --dim 768 --depth 12 --heads 12 --decoder-dim 256 --decoder-depth 2 --decoder-heads 8 --num-visible 98 --batch-size 64 --steps 20 --warmup 3 --rounds 2 --max-wait 0 --data-root $QDATA --shards-dir $WORKQ/cifar10-train2048 --out OUTDIR/multimae_step.json"
+  "fourm_generate|90|fourm_generate.json|$QPY benchmarks/fourm_generate.py --device cuda --precision bf16 --dim 768 --encoder-depth 12 --decoder-depth 12 --heads 12 --batch-size 16 --rounds 2 --max-wait 0 --out OUTDIR/fourm_generate.json"
 )
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 unset DS_ACCELERATOR

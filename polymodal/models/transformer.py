@@ -143,7 +143,17 @@ class Attention(nn.Module):
             n, total = x.shape[1], cache.k.shape[2]
             if n > 1:  # new token i sees the cached ones and new ones up to itself
                 mask = torch.arange(total, device=x.device) <= (total - n + torch.arange(n, device=x.device))[:, None]
-        out = attention(heads_first(self.q_norm(q)), cache.k, cache.v, mask=mask, backend=self.backend)
+        q = heads_first(self.q_norm(q))
+        if x.shape[1] == 1 and self.backend == "auto":
+            # One query token: two small products. The fused kernels cost more per call than this whole product on
+            # CPU (0.4 ms a call, measured: benchmarks/fourm_generate.py), and a token-by-token decoder makes two
+            # calls per layer per token.
+            scores = (q @ cache.k.transpose(-2, -1)) * self.head_dim ** -0.5
+            if mask is not None:  # a key-padding mask [B, Lk]
+                scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+            out = scores.softmax(-1) @ cache.v
+        else:
+            out = attention(q, cache.k, cache.v, mask=mask, backend=self.backend)
         return self.proj(out.transpose(1, 2).flatten(-2))
 
 
