@@ -34,17 +34,7 @@ date
     objective.modalities.edges=null objective.modalities.grey=null objective.num_visible=16
 date
 # Random init: the MAE arm's objective built from its config with seed 0 and exported untrained.
-python - "$out/mae/config.yaml" "$out/random-init.safetensors" <<'PY'
-import json, sys
-import torch, yaml
-from polymodal.pretrain.export import write_safetensors
-from polymodal.pretrain.objectives import build_objective
-cfg = yaml.safe_load(open(sys.argv[1]))
-torch.manual_seed(0)
-objective = build_objective(cfg["objective"])
-write_safetensors(objective.state_dict(), __import__("pathlib").Path(sys.argv[2]),
-                  {"polymodal.objective": json.dumps(cfg["objective"]), "polymodal.image_size": "32"})
-PY
+python "$here/random_init.py" "$out/mae/config.yaml" "$out/random-init.safetensors"
 for arm in multimae mae random-init; do
   model=$out/$arm; [ "$arm" = random-init ] && model=$out/random-init.safetensors
   $pm eval --model "$model" --dataset "$data" --task linear_probe --task knn --image-size 32 \

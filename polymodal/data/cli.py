@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
     print(f"derived {','.join(job.sets)} for {result['samples']} samples in {result['shards']} shards to "
           f"{args.out_dir}/<modality> in {result['seconds']} s ({rate:.0f} samples/s; {done}{sets}); "
           f"{summarize(result['failures'])}")
-    return 0
+    return nothing_written(result)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -152,7 +153,18 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     print(f"rank {result['rank']}: tokenized {result['samples']} samples from {result['shards']} shards "
           f"({result['shards_already_done']} already done) in {result['seconds']} s into "
           f"{', '.join(f'{args.out_dir}/{s}' for s in job.sets)}; {summarize(result['failures'])}; {done}")
-    return 0
+    return nothing_written(result)
+
+
+def nothing_written(result: dict) -> int:
+    """Exit status of a map_shards job: 2 (with the reason on stderr) when it read samples but could write none,
+    which is a wrong input or a bug to report, not a data set with a few bad records."""
+    if result["samples"] or not result["failures"]:
+        return 0
+    reason, count = max(result["failures"].items(), key=lambda item: item[1])
+    print(f"error: no sample could be written: all {sum(result['failures'].values())} failed, most with "
+          f"{reason} ({count}); the first one's message is in the warnings above", file=sys.stderr)
+    return 2
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -169,7 +169,9 @@ class TokenizeJob(ShardJob):
             if not rows:
                 continue
             pixels = torch.from_numpy(np.concatenate([samples[i][name] for i in rows]))  # [rows * crops, C, S, S]
-            inputs = objective.inputs({name: pixels.to(self.device)}).contiguous(memory_format=torch.channels_last)
+            inputs = objective.inputs({name: pixels.to(self.device)})
+            if inputs.dim() == 4:  # images; class maps are ids [B, H, W]
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             ids = objective.tokenizer_model.encode(inputs)
             ids = ids.view(len(rows), self.opts.crops, *ids.shape[1:]).cpu().numpy()
             dtype = token_dtype(objective.tokenizer_model.vocab_size)

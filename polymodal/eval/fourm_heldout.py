@@ -8,10 +8,13 @@
 - caption -> image: images generated from "a picture showing a {class}." (MaskGIT and ROAR at several step
   counts), decoded by the image tokenizer and classified by an independent classifier, a softmax regression on
   the standardised pixels of real training images (fitted here; its accuracy on real held-out images, and on
-  their tokenizer reconstructions, is reported as the ceiling; chance: 1 / classes).
+  their tokenizer reconstructions, is reported as the ceiling; chance: 1 / classes);
+- with --chain and --psnr-from: chained generation through other modalities and image PSNR from another
+  modality's tokens (polymodal/eval/fourm_chained.py).
 
     python -m polymodal.eval.fourm_heldout runs/4m-tiny-cifar --test SHARDS --test-join TOKSET... \\
         --train SHARDS --train-join TOKSET... --classnames classnames.txt [--batches 20] [--out result.json]
+        [--generate maskgit:8 roar:8] [--chain tok_fgmask tok_edges] [--psnr-from tok_edges]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -78,19 +82,33 @@ def caption_accuracy(objective, batches, image: str, caption: str, classnames: l
 
     text = load(objective.modality_configs[caption].tokenizer)
     generator = FourMGenerator(objective, Sampling(temperature=0))
-    names = [c.lower() for c in classnames]
     right = total = 0
     examples = []
     for batch in batches:
         ids, lengths = generator.generate({image: batch[image]}, [caption])[caption]
         for row, n, label in zip(ids, lengths, batch["label"].tolist()):
-            words = text.decode([int(i) for i in row[: n - 1]]).lower()
-            named = [i for i, c in enumerate(names) if c in words]
-            right += named == [label]
+            words = text.decode([int(i) for i in row[: n - 1]])
+            right += named_classes(words, classnames) == [label]
             total += 1
             if len(examples) < 10:
-                examples.append({"caption": words, "class": names[label]})
-    return {"accuracy": right / max(total, 1), "samples": total, "chance": 1 / len(names), "examples": examples}
+                examples.append({"caption": words, "class": classnames[label]})
+    return {"accuracy": right / max(total, 1), "samples": total, "chance": 1 / len(classnames),
+            "examples": examples}
+
+
+def words_of(text: str) -> str:
+    """Lower-case words and punctuation marks, one space apart (a WordPiece decode writes "t - shirt / top")."""
+    return " ".join(re.findall(r"\w+|[^\w\s]", text.lower()))
+
+
+def named_classes(text: str, classnames: list[str]) -> list[int]:
+    """The classes whose name occurs in `text` as whole words, in class order; an occurrence inside a longer
+    class name's occurrence does not count (Fashion-MNIST's "shirt" in "t-shirt/top")."""
+    text = f" {words_of(text)} "
+    spans = [(m.start(), m.end(), i) for i, name in enumerate(classnames)
+             for m in re.finditer(re.escape(f" {words_of(name)} "), text)]
+    inside = {i for a, b, i in spans for a2, b2, _ in spans if a2 <= a and b <= b2 and b2 - a2 > b - a}
+    return sorted({i for _, _, i in spans} - inside)
 
 
 def pixels(batch) -> torch.Tensor:
@@ -116,25 +134,30 @@ class PixelClassifier:
 def caption_to_image(objective, classify, classnames: list[str], template: str, schedules: list[str], image: str,
                      caption: str, per_class: int, seed: int) -> dict:
     """Share of generated images the classifier assigns to the class their caption names."""
+    from polymodal.eval.fourm_chained import decode_images01
     from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
-    from polymodal.tokenizers.registry import load, load_image_tokenizer
+
+    ids, lengths, truth = caption_prompts(objective, caption, classnames, template, per_class)
+    out = {}
+    for schedule in schedules:
+        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9), Schedule.parse(schedule), seed)
+        tokens = generator.generate({caption: (ids, lengths)}, [image])[image]
+        out[schedule] = float((classify(decode_images01(objective, image, tokens)) == truth).float().mean())
+    return {"class_consistency": out, "samples": len(truth), "chance": 1 / len(classnames), "template": template}
+
+
+def caption_prompts(objective, caption: str, classnames: list[str], template: str, per_class: int):
+    """(ids [B, L], lengths [B], true class [B]): the template for every class, `per_class` times each."""
+    from polymodal.tokenizers.registry import load
 
     text = load(objective.modality_configs[caption].tokenizer)
-    decoder = load_image_tokenizer(objective.modality_configs[image].tokenizer)[0].tokenizer_model
     captions = [torch.cat([text.encode(template.format(c=c)), torch.tensor([objective.config.eos_id])])
                 for c in classnames]
     width = max(len(c) for c in captions)
     ids = torch.stack([torch.nn.functional.pad(c, (0, width - len(c))) for c in captions]).repeat_interleave(
         per_class, 0)
     lengths = torch.tensor([len(c) for c in captions]).repeat_interleave(per_class)
-    truth = torch.arange(len(classnames)).repeat_interleave(per_class)
-    out = {}
-    for schedule in schedules:
-        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9), Schedule.parse(schedule), seed)
-        tokens = generator.generate({caption: (ids, lengths)}, [image])[image]
-        images01 = (decoder.decode(tokens).clamp(-1, 1) + 1) / 2
-        out[schedule] = float((classify(images01) == truth).float().mean())
-    return {"class_consistency": out, "samples": len(truth), "chance": 1 / len(classnames), "template": template}
+    return ids, lengths, torch.arange(len(classnames)).repeat_interleave(per_class)
 
 
 def main(argv=None) -> int:
@@ -156,12 +179,22 @@ def main(argv=None) -> int:
                              "and rgb in the source shards")
     parser.add_argument("--template", default="a picture showing a {c}.")
     parser.add_argument("--per-class", type=int, default=20, help="generated images per class (default 20)")
+    parser.add_argument("--chain", nargs="*", default=[], metavar="MODALITY",
+                        help="also caption -> these modalities in turn -> image, against caption -> image (e.g. "
+                             "tok_fgmask tok_edges); needs --classnames")
+    parser.add_argument("--chain-schedule", default="maskgit:8", help="schedule of the chained generation")
+    parser.add_argument("--psnr-from", metavar="MODALITY",
+                        help="also the image from this modality's held-out tokens (e.g. tok_edges), PSNR against "
+                             "the real image and the mean training image")
+    parser.add_argument("--psnr-schedule", default="maskgit:8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the result as JSON here too")
     args = parser.parse_args(argv)
+    if (args.generate or args.chain) and not args.classnames:
+        parser.error("--generate and --chain need --classnames")
     run = Path(args.run)
     objective = load_exported(run / "model.safetensors" if run.is_dir() else run)
-    extra = ["label"] if args.classnames else []
+    extra = (["label"] if args.classnames else []) + (["rgb"] if args.psnr_from else [])
 
     def take(shards, join):
         batches = []
@@ -179,43 +212,59 @@ def main(argv=None) -> int:
     if args.classnames:
         classnames = Path(args.classnames).read_text().splitlines()
         result["image_to_caption"] = caption_accuracy(objective, test, args.image, args.caption, classnames)
-    if args.generate:
-        result["caption_to_image"] = generation_figures(objective, args, classnames)
+    if args.generate or args.chain or args.psnr_from:
+        generation_figures(objective, args, classnames if args.classnames else [], test, result)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 
-def generation_figures(objective, args, classnames: list[str]) -> dict:
+def real_images(shards: str, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [N, 3, size, size], labels [N]): the first `count` samples of `shards`, centre-cropped."""
+    cfg = DataConfig(shards=shards, modalities=["rgb", "label"], image_size=size, batch_size=500, num_workers=0,
+                     shuffle_buffer=0, shuffle_shards=False, augment=False)
+    batches = []
+    for batch in ShardLoader(cfg, where=Placement(0, 1)):
+        batches.append(batch)
+        if len(batches) * 500 >= count:
+            break
+    return torch.cat([b["rgb"] for b in batches]), torch.cat([b["label"] for b in batches])
+
+
+def generation_figures(objective, args, classnames: list[str], test_batches, result: dict) -> None:
     """Fit the pixel classifier on real training images, check it on real held-out ones and on their tokenizer
-    reconstructions, then score images generated from captions."""
+    reconstructions, then score images generated from captions (and through chains, and from --psnr-from)."""
+    from polymodal.eval import fourm_chained
     from polymodal.tokenizers.registry import load_image_tokenizer
 
-    def real(shards, count):
-        cfg = DataConfig(shards=shards, modalities=["rgb", "label"], image_size=32, batch_size=500, num_workers=0,
-                         shuffle_buffer=0, shuffle_shards=False, augment=False)
-        batches = []
-        for batch in ShardLoader(cfg, where=Placement(0, 1)):
-            batches.append(batch)
-            if len(batches) * 500 >= count:
-                return batches
-        return batches
-
-    classify = PixelClassifier(real(args.train, 10000), len(classnames))
-    test = real(args.test, 2000)
-    labels = torch.cat([b["label"] for b in test])
-    images = torch.cat([b["rgb"] for b in test])
-    tokenizer = load_image_tokenizer(objective.modality_configs[args.image].tokenizer)[0]
+    tokenizer, size = load_image_tokenizer(objective.modality_configs[args.image].tokenizer)
+    size = size or 32
+    train_images, train_labels = real_images(args.train, 10000, size)
+    if args.psnr_from:
+        mean_image = train_images.float().mean(0, keepdim=True) / 255
+        result["image_from"] = fourm_chained.image_from(objective, test_batches, args.psnr_from, args.image,
+                                                        mean_image, args.psnr_schedule, args.seed)
+    if not (args.generate or args.chain):
+        return
+    classify = PixelClassifier([{"rgb": train_images, "label": train_labels}], len(classnames))
+    images, labels = real_images(args.test, 2000, size)
     with torch.no_grad():
         rebuilt = (tokenizer.tokenizer_model.decode(tokenizer.tokenizer_model.encode(
-            tokenizer.inputs({"rgb": images}))).clamp(-1, 1) + 1) / 2
-    result = {"classifier": "softmax regression on standardised pixels of 10,000 real training images, C=0.01",
-              "real_test_accuracy": float((classify(images.float() / 255) == labels).float().mean()),
-              "reconstructed_test_accuracy": float((classify(rebuilt) == labels).float().mean())}
-    result.update(caption_to_image(objective, classify, classnames, args.template, args.generate, args.image,
-                                   args.caption, args.per_class, args.seed))
-    return result
+            tokenizer.inputs({"rgb": images}))).float().clamp(-1, 1) + 1) / 2
+    judge = {"classifier": f"softmax regression on standardised pixels of {len(train_images)} real training "
+                           "images, C=0.01",
+             "real_test_accuracy": float((classify(images.float() / 255) == labels).float().mean()),
+             "reconstructed_test_accuracy": float((classify(rebuilt) == labels).float().mean())}
+    if args.generate:
+        result["caption_to_image"] = {**judge, **caption_to_image(
+            objective, classify, classnames, args.template, args.generate, args.image, args.caption,
+            args.per_class, args.seed)}
+    if args.chain:
+        ids, lengths, truth = caption_prompts(objective, args.caption, classnames, args.template, args.per_class)
+        result["chained"] = {**judge, **fourm_chained.chained_vs_direct(
+            objective, classify, (ids, lengths), truth, args.chain_schedule, args.image, args.caption, args.chain,
+            args.seed)}
 
 
 if __name__ == "__main__":

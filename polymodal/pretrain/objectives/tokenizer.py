@@ -85,8 +85,8 @@ class TokenizerObjective(Objective):
         if name not in batch:
             raise ConfigError(f"config key 'objective.modality': the batch has no {name!r} (data.modalities)")
         x = batch[name]
-        if self.config.classes:
-            return x.long()
+        if self.config.classes:  # class ids [B, H, W]; a decoded map may come as one channel [B, 1, H, W]
+            return (x.squeeze(1) if x.dim() == 4 and x.shape[1] == 1 else x).long()
         dtype = next(self.tokenizer_model.parameters()).dtype
         return (x.float() / 127.5 - 1.0).to(dtype) if x.dtype == torch.uint8 else x.to(dtype)
 

@@ -1,0 +1,121 @@
+"""Held-out figures of a trained 4M run for generation through other modalities:
+
+- chained caption -> segmentation -> edges -> image against caption -> image directly: the class the image shows
+  (the pixel classifier of fourm_heldout), the class the generated segmentation paints, and how well the final
+  image agrees with the segmentation and edges generated from the same caption: the IoU of its Otsu foreground
+  with the segmentation's foreground and the F1 of its Canny edges against the generated edges (a pixel counts
+  as matched within one pixel). For the direct path the image is compared with the segmentation and edges of the
+  chained draw from the same caption, which it never saw: what agreement the class alone brings.
+- edges -> image: images generated from the held-out images' edge tokens, PSNR against the real images, beside
+  the mean training image (a baseline without learning) and the image tokenizer's own reconstruction (the
+  ceiling).
+
+Used by `python -m polymodal.eval.fourm_heldout ... --chain tok_fgmask tok_edges --psnr-from tok_edges`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from polymodal.data import derive
+
+
+def decoder_of(objective, name: str):
+    """The image tokenizer that made modality `name`, and whether it decodes class maps (segmentation)."""
+    from polymodal.tokenizers.registry import load_image_tokenizer
+
+    model = load_image_tokenizer(objective.modality_configs[name].tokenizer)[0].tokenizer_model
+    return model, bool(model.classes)
+
+
+@torch.no_grad()
+def decode_images01(objective, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """Image tokens [B, h, w] -> pixels in [0, 1], [B, C, H, W] (three channels for a grey tokenizer's output)."""
+    model, _ = decoder_of(objective, name)
+    x = (model.decode(ids).float().clamp(-1, 1) + 1) / 2
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def painted_class(segmentation: torch.Tensor, classes: int) -> torch.Tensor:
+    """The class a class-painted map [B, H, W] of `classes` values (class id + 1, 0 background) shows: its most
+    frequent non-zero value, minus one; -1 where nothing is painted."""
+    counts = F.one_hot(segmentation.long().flatten(1), classes).sum(1)[:, 1:]  # [B, classes - 1], no background
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), -1)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample IoU of boolean masks [B, H, W] (1 where both are empty)."""
+    inter, union = (a & b).flatten(1).sum(1).float(), (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def edge_f1(found: torch.Tensor, truth: torch.Tensor, tolerance: int = 1) -> torch.Tensor:
+    """Per-sample F1 of edge maps [B, H, W] (bool): a found pixel is right when a true edge lies within
+    `tolerance` pixels, a true pixel is recalled when a found one does (the usual boundary-F1 tolerance)."""
+    def grow(m):
+        return F.max_pool2d(m[:, None].float(), 2 * tolerance + 1, 1, tolerance)[:, 0] > 0
+
+    precision = (found & grow(truth)).flatten(1).sum(1) / found.flatten(1).sum(1).clamp_min(1)
+    recall = (truth & grow(found)).flatten(1).sum(1) / truth.flatten(1).sum(1).clamp_min(1)
+    return 2 * precision * recall / (precision + recall).clamp_min(1e-9)
+
+
+def chained_vs_direct(objective, classify, prompts, truth: torch.Tensor, schedule: str, image: str, caption: str,
+                      chain: list[str], seed: int) -> dict:
+    """Caption -> chain... -> image against caption -> image, both from the same prompts (ids, lengths)."""
+    from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
+
+    def run(targets):
+        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9), Schedule.parse(schedule), seed)
+        return generator.generate({caption: prompts}, targets)
+
+    chained, direct = run([*chain, image]), run([image])
+    out = {"schedule": schedule, "chain": [caption, *chain, image]}
+    images = {"chained": decode_images01(objective, image, chained[image]),
+              "direct": decode_images01(objective, image, direct[image])}
+    for path, pixels in images.items():
+        figures = {"image_class_consistency": float((classify(pixels) == truth).float().mean())}
+        for name in chain:
+            model, classes = decoder_of(objective, name)
+            with torch.no_grad():
+                decoded = model.decode(chained[name])
+            if classes:  # a segmentation: the class it paints, and its foreground against the image's
+                painted = painted_class(decoded, model.classes)
+                figures[f"{name}_class_consistency"] = float((painted == truth).float().mean())
+                foreground = derive.foreground_mask(pixels, torch.zeros(len(pixels))) > 0
+                figures[f"{name}_foreground_iou"] = float(iou(foreground, decoded > 0).mean())
+            else:  # an edge map: the image's Canny edges against it
+                found = derive.edges(pixels)[:, 0] > 0
+                figures[f"{name}_edge_f1"] = float(edge_f1(found, decoded[:, 0] > 0).mean())
+        out[path] = figures
+    return out
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR of [B, C, H, W] images in [0, 1]."""
+    mse = (a.float() - b.float()).square().flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+@torch.no_grad()
+def image_from(objective, batches, source: str, image: str, mean_image: torch.Tensor, schedule: str,
+               seed: int) -> dict:
+    """PSNR of images generated from held-out `source` tokens (greedy MaskGIT/ROAR), of the mean training image and
+    of the tokenizer's decoding of the real image tokens, all against the real images."""
+    from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
+
+    generator = FourMGenerator(objective, Sampling(temperature=0), Schedule.parse(schedule), seed)
+    sums = {"generated": 0.0, "mean_image": 0.0, "tokenizer_reconstruction": 0.0}
+    seen = 0
+    for batch in batches:
+        real = batch["rgb"].float() / 255
+        generated = decode_images01(objective, image, generator.generate({source: batch[source]}, [image])[image])
+        real = F.interpolate(real, size=generated.shape[-2:], mode="bilinear", antialias=True,
+                             align_corners=False) if real.shape[-2:] != generated.shape[-2:] else real
+        sums["generated"] += float(psnr(generated, real).sum())
+        sums["mean_image"] += float(psnr(mean_image.expand_as(real), real).sum())
+        sums["tokenizer_reconstruction"] += float(psnr(decode_images01(objective, image, batch[image]), real).sum())
+        seen += len(real)
+    return {"from": source, "schedule": schedule, "sampling": "greedy", "images": seen,
+            "psnr_db": {k: v / max(seen, 1) for k, v in sums.items()}}
