@@ -443,7 +443,7 @@ def test_token_sets_from_another_tokenizer_or_missing_are_refused_before_trainin
     build_objective(cfg.objective).check_run(cfg, 0)
 
 
-def test_zero3_bf16_two_ranks_resume_bitwise(tokenized_emoji, emoji_shards, tmp_path):
+def test_zero3_bf16_two_ranks_resume_bitwise(tokenized_emoji, emoji_shards, data_root, tmp_path):
     from test_spark import copy_as_stopped_after_step_2, polymodal, start_event, step_losses
 
     root, _ = tokenized_emoji
@@ -476,3 +476,23 @@ def test_zero3_bf16_two_ranks_resume_bitwise(tokenized_emoji, emoji_shards, tmp_
     bad = subprocess.run(polymodal_cmd() + ["generate", str(whole), "--condition", "depth=x.png", "--target", "rgb"],
                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "depth" in bad.stderr and "Traceback" not in bad.stderr
+
+    # The standalone export carries the tokenizers: loaded from it, the model reads them from its own copies and
+    # gives the run's features and generations; the tokens made by them are the run's.
+    from polymodal.pretrain.export import load_exported
+    from polymodal.tokenizers.registry import load
+
+    polymodal("checkpoint", "export", str(whole), "--format", "standalone")
+    alone = load_exported(whole / "standalone.safetensors")
+    run = load_exported(whole / "model.safetensors")
+    for name, m in alone.modality_configs.items():
+        assert "polymodal-tokenizers-" in m.tokenizer and str(root) not in m.tokenizer
+        assert load(m.tokenizer).fingerprint == load(run.modality_configs[name].tokenizer).fingerprint
+    from conftest import cifar_test_images
+
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    images = (cifar_test_images(data_root, 3, 32) * std + mean) * 2 - 1  # the tokenizers' [-1, 1]
+    torch.testing.assert_close(alone.image_features(images), run.image_features(images))
+    printed = polymodal("generate", str(whole / "standalone.safetensors"), "--condition", "caption=grinning face",
+                        "--target", "caption", "--samples", "1", "--seed", "1", "--out", str(tmp_path / "gen2"))
+    assert json.loads(printed.splitlines()[-1])["texts"]["tok_caption"]

@@ -354,6 +354,7 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
         _pool_init(opts)
         results = map(_encode_in_pool, records)
     started = time.monotonic()
+    finished = False
     bar = progress_bar(total=source.length, initial=consumed, unit="rec", desc=f"shards -> {shard_dir}",
                        disable=not show_progress)
     try:
@@ -379,10 +380,13 @@ def write_shards(source: Source, out_dir: str | Path, opts: WriterOptions, *, sp
                 bar.set_postfix_str(f"shards={shard_no} {summarize(dict(failures))}")
         if shard is not None:
             finish_shard()
+        finished = True
     finally:
         bar.close()
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # After a clean finish, wait for the workers: shutdown(wait=False) leaves the pool's manager thread to
+            # interpreter exit, where CPython writes to its closed wake-up pipe ("Bad file descriptor" on stderr).
+            pool.shutdown(wait=finished, cancel_futures=not finished)
     if written == 0:
         raise ConfigError(_nothing_written(source, consumed, failures, first_failure))
     stats = {"source": str(settings.get("source")) if settings else None, "samples": written,

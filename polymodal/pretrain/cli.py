@@ -91,15 +91,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                     "safetensors file. Formats: polymodal (every objective: its weights with its config in the "
                     "metadata, for polymodal.pretrain.export.load_exported and `polymodal eval`), and those an "
                     "objective registers: open_clip (clip, siglip: the CLIP model's state dict for "
-                    "open_clip.create_model_and_transforms(name, pretrained=FILE)), timm (spark: the pretrained "
-                    "convnet backbone for timm.create_model(name)). Asking for a format the checkpoint's "
+                    "open_clip.create_model_and_transforms(name, pretrained=FILE)), timm (spark, multimae: the "
+                    "pretrained backbone for timm.create_model(name)), standalone (4m: the polymodal file with the "
+                    "run's tokenizers inside, for eval, embed and generate without the tokenizer folders). Asking for a format the checkpoint's "
                     "objective does not offer lists the ones it does.",
         epilog="example: polymodal checkpoint export runs/try --format open_clip")
     export.add_argument("run_dir")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")
     export.add_argument("--out", help="output file (default: RUN_DIR/<the format's file name>)")
     export.add_argument("--format", default="polymodal", metavar="NAME",
-                        help="polymodal, or a format the objective registers (open_clip, timm)")
+                        help="polymodal, or a format the objective registers (open_clip, timm, standalone)")
     export.set_defaults(func=cmd_checkpoint_export)
     universal = ckpt_commands.add_parser(
         "universal", help="convert a ZeRO checkpoint so it resumes at another world size",

@@ -178,9 +178,15 @@ def load_exported(path: str | Path):
 
     from polymodal.pretrain.objectives import build_objective
 
+    from polymodal.tokenizers.bundle import unbundle
+
     metadata = exported_metadata(path)
-    objective = build_objective(json.loads(metadata["polymodal.objective"]))
-    objective.load_state_dict(load_file(str(path)), strict=True)
+    config = json.loads(metadata["polymodal.objective"])
+    tensors = load_file(str(path))
+    for modality, folder in unbundle(tensors, metadata).items():  # a standalone export's own tokenizers
+        config["modalities"][modality]["tokenizer"] = folder
+    objective = build_objective(config)
+    objective.load_state_dict(tensors, strict=True)
     return objective.eval()
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from polymodal.data.errors import ConfigError
 from polymodal.models.fourm import FourM, FourMModality, Tokens
+from polymodal.pretrain.export import polymodal_format, register_export
 from polymodal.pretrain.objectives import register
 from polymodal.pretrain.objectives.base import Objective
 from polymodal.pretrain.objectives.masking import (dirichlet_shares, draw_budget, mixture_shares, random_ranks,
@@ -99,6 +100,8 @@ class FourMConfig:
 class FourMObjective(Objective):
     Config = FourMConfig
     draws_images = True
+    # standalone: the polymodal export with every modality's tokenizer inside (polymodal/tokenizers/bundle.py).
+    export_formats = (*Objective.export_formats, "standalone")
 
     def __init__(self, config: FourMConfig):
         super().__init__(config)
@@ -411,6 +414,19 @@ class FourMObjective(Objective):
         encoded, at = self.model.encode({self.config.eval_modality: Tokens(ids, positions, torch.ones_like(
             ids, dtype=torch.bool))}, packed=False)
         return encoded[:, self.config.global_tokens:].float().mean(1)
+
+
+@register_export("standalone", "standalone.safetensors")
+def standalone_format(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The polymodal export plus the tokenizers the run was trained with, so that `polymodal eval`, `embed` and
+    `generate` need nothing but this file."""
+    from polymodal.tokenizers.bundle import bundle
+
+    tensors, metadata = polymodal_format(path)
+    modalities = json.loads(metadata["polymodal.objective"]).get("modalities") or {}
+    carried, carried_metadata = bundle({name: m["tokenizer"] for name, m in modalities.items()
+                                        if m and m.get("tokenizer")})
+    return {**tensors, **carried}, {**metadata, **carried_metadata}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
