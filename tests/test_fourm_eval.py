@@ -63,11 +63,12 @@ def fmnist(tmp_path_factory, data_root):
         root / "wp" / "tokenizer.json")
     for split in ("train", "test"):
         out = root / "tok" / split  # one folder per job, as recipes/4m-fmnist.sh; then all four sets side by side
+        crops = 2 if split == "train" else 1
         map_shards(str(root / "src" / split), out / "image", TokenizeJob({"rgb": str(tokenizers["rgb"])},
-                   {"caption": str(root / "wp")}, TokenizeOptions()), workers=1, show_progress=False)
+                   {"caption": str(root / "wp")}, TokenizeOptions(crops=crops)), workers=1, show_progress=False)
         for name in ("edges", "fgmask"):
             map_shards(str(root / "derived" / split / name), out / name, TokenizeJob(
-                {name: str(tokenizers[name])}, {}, TokenizeOptions()), workers=1, show_progress=False)
+                {name: str(tokenizers[name])}, {}, TokenizeOptions(crops=crops)), workers=1, show_progress=False)
         for job in ("image", "edges", "fgmask"):
             for tokens in (out / job).glob("tok_*"):
                 tokens.rename(out / tokens.name)
@@ -92,6 +93,22 @@ def test_class_maps_tokenize_and_a_job_that_writes_nothing_exits_with_an_error(f
     code = main(["data", "tokenize", str(broken), str(tmp_path / "out"), "--tokenizer",
                  f"fgmask={fmnist / 'tok-fgmask'}", "--workers", "1", "-q"])
     assert code == 2 and "no sample could be written: all 20 failed" in capsys.readouterr().err
+
+
+def test_separate_tokenize_jobs_store_the_same_crops_for_a_sample(fmnist):
+    """The recipe tokenizes the image and each derived set in jobs of their own: their random crops must agree."""
+    import numpy as np
+
+    def crops(name):
+        with tarfile.open(fmnist / "tok" / "train" / name / "1.tar") as tar:
+            return {m.name.split(".")[0]: np.load(io.BytesIO(tar.extractfile(m).read()))
+                    for m in tar if m.name.endswith(".crops.npy")}
+
+    rgb, edges, fgmask = crops("tok_rgb"), crops("tok_edges"), crops("tok_fgmask")
+    assert len(rgb) == 100 and rgb.keys() == edges.keys() == fgmask.keys()
+    assert all(rgb[k].shape == (2, 5) and np.array_equal(rgb[k], edges[k]) and np.array_equal(rgb[k], fgmask[k])
+               for k in rgb)
+    assert len({tuple(v[1]) for v in rgb.values()}) > 80  # the second crop is random per sample (28 px: few repeat)
 
 
 def test_the_chain_measures_score_real_maps(fmnist):
