@@ -381,7 +381,7 @@ def test_eval_features_come_from_pixels_through_the_image_tokenizer(trained, dat
 def test_shipped_configs_build():
     from polymodal.pretrain.config import load_pretrain_config
 
-    for name, parameters in (("4m-tiny-cifar", (3e6, 5e6)), ("4m-b", (400e6, 480e6))):
+    for name, parameters in (("4m-tiny-cifar", (3e6, 5e6)), ("4m-tiny-fmnist", (2e6, 4e6)), ("4m-b", (400e6, 480e6))):
         cfg = load_pretrain_config(str(REPO / "configs" / f"{name}.yaml"))
         objective = build_objective(cfg.objective)
         count = sum(p.numel() for p in objective.parameters())
