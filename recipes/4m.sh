@@ -154,4 +154,6 @@ for arm in 4m random-init; do
   [ -d "$out/eval-$arm" ] || { step "linear probe and kNN: $arm"; $pm eval --model "$model" --dataset "$labelled" \
       --task linear_probe --task knn --image-size $size --output "$out/eval-$arm" -q; }
 done
-step "done: $out/heldout.json, $out/eval-4m, $out/eval-random-init"
+[ -f "$out/generations.png" ] || $py "$here/4m_grid.py" "$run" "$labelled/classnames.txt" "$out/generations.png" \
+    --chain "${chain[@]}"
+step "done: $out/heldout.json, $out/eval-4m, $out/eval-random-init, $out/generations.png"
