@@ -11,10 +11,10 @@
 Timed: samples/s of whole training steps (zero_grad, forward with its masking, backward, AdamW step, loss read
 back), the peer's including the wait for its workers, as in a real run. On this 2-core machine the peer's workers
 share the cores with training, as they would on a laptop; `peer (masked beforehand)` gives the peer's model alone,
-its batches masked before the clock starts (the best a machine with spare cores for workers could do). Data:
-CIFAR-10 training images as 8x8 FSQ tokens plus captions from class-name templates (`polymodal data tokenize`;
-see configs/4m-tiny-cifar.yaml), read once into memory. Rounds interleave the sides; figures are medians; ratio =
-ours / peer. Before timing, both sides take the same batch with the same masks (drawn by ours): their losses must
+its batches masked before the clock starts (the best a machine with spare cores for workers could do). Data: the
+config's token sets (configs/4m-tiny-cifar.yaml: CIFAR-10, emoji and ImageNet samples as rgb and edges tokens,
+captions, palettes and metadata, built by `recipes/4m.sh cifar data-out/4m-cifar`), read once into memory. Rounds
+interleave the sides; figures are medians; ratio = ours / peer. Before timing, both sides take the same batch with the same masks (drawn by ours): their losses must
 agree (the same math, two mechanisms). Peak memory of one step per side is reported too.
 
     python benchmarks/fourm_step.py                       # tiny 4M (configs/4m-tiny-cifar.yaml), batch 64
@@ -43,8 +43,10 @@ def build(args):
     from polymodal.pretrain.config import load_pretrain_config
     from polymodal.pretrain.objectives import build_objective
 
-    cfg = load_pretrain_config(args.config, [f"data.shards={args.shards}", f"data.join=[{','.join(args.join)}]",
-                                             f"data.batch_size={args.batch_size}"])
+    overrides = [f"data.batch_size={args.batch_size}"]
+    overrides += [f"data.shards={args.shards}"] if args.shards else []
+    overrides += [f"data.join=[{','.join(args.join)}]"] if args.join else []
+    cfg = load_pretrain_config(args.config, overrides)
     torch.manual_seed(args.seed)
     return cfg, build_objective(cfg.objective).train()
 
@@ -144,9 +146,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "4m-tiny-cifar.yaml"))
-    parser.add_argument("--shards", default="data-out/cifar10-cap/train")
-    parser.add_argument("--join", nargs="+", default=["data-out/cifar10-cap-tok/train/tok_rgb",
-                                                       "data-out/cifar10-cap-tok/train/tok_caption"])
+    parser.add_argument("--shards", help="source shards (default: the config's data.shards)")
+    parser.add_argument("--join", nargs="+", help="token sets (default: the config's data.join)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

@@ -18,7 +18,7 @@ from polymodal.eval.datasets import resolve_dataset
 from polymodal.eval.encoders import load_encoder, load_seeded_encoder
 from polymodal.eval.features import cache_path, extract_features
 from polymodal.eval.retrieval import recall_at_k, retrieval_metrics, retrieval_ranks
-from polymodal.eval.tasks import TaskOptions, encode_texts, zeroshot_classification, zeroshot_retrieval
+from polymodal.eval.tasks import TaskOptions, encode_texts, zeroshot_retrieval
 
 TINY_CLIP = "open_clip:polymodal-tiny-vit"  # random init, seeded: the checks need real images, not skill
 

@@ -398,12 +398,7 @@ def _flex(req: _Request, backend: str) -> torch.Tensor:
     else:
         mask, causal = req.mask, req.causal
         if mask is not None and mask.dtype != torch.bool:  # an additive float mask is a score modification
-            bias = mask
-
-            def score_mod(score, b, h, i, j):
-                return score + bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0,
-                                    i if bias.shape[2] > 1 else 0, j if bias.shape[3] > 1 else 0]
-            mask = None
+            score_mod, mask = _additive_score_mod(mask), None
         if mask is None and not causal:
             mask_mod = None
         else:
@@ -421,6 +416,14 @@ def _flex(req: _Request, backend: str) -> torch.Tensor:
                                                                   device=q.device)
     out = _flex_function(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=req.scale)
     return out[0].transpose(0, 1) if req.packed else out
+
+
+def _additive_score_mod(bias: torch.Tensor) -> Callable:
+    """An additive float mask [B|1, H|1, Lq|1, Lk|1] as FlexAttention's score modification."""
+    def score_mod(score, b, h, i, j):
+        return score + bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0,
+                            i if bias.shape[2] > 1 else 0, j if bias.shape[3] > 1 else 0]
+    return score_mod
 
 
 @functools.cache

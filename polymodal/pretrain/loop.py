@@ -18,7 +18,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from polymodal.config import to_yaml
 from polymodal.data.errors import ConfigError
