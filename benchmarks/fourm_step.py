@@ -72,7 +72,8 @@ def samples_of(objective, batches: list[dict]) -> list[dict]:
             sample = {}
             for name, spec in objective.specs.items():
                 ids = batch[name][i]
-                sample[name] = ids[: batch[f"{name}_lengths"][i]] if spec.is_sequence else ids.flatten()
+                lengths = batch.get(f"{name}_lengths")  # absent when every sequence of the batch is as long
+                sample[name] = (ids[: lengths[i]] if lengths is not None else ids) if spec.is_sequence else ids.flatten()
             out.append(sample)
     return out
 
