@@ -34,7 +34,7 @@ py=${PYTHON:-python}
 raw=${DATA_ROOT:-$here/../../shared/data}
 templates=$here/label-caption-templates.txt
 configs=$here/../configs
-mkdir -p "$out"
+case $set_name in fmnist|cifar) mkdir -p "$out" ;; *) echo "recipes/4m.sh: the data set is fmnist or cifar, not '$set_name'" >&2; exit 2 ;; esac
 step() { echo "== $(date +%T) $*"; }
 shards() {  # source out split extra...: write once
   local source=$1 dir=$2 split=$3; shift 3
@@ -82,7 +82,6 @@ case $set_name in
     tokenizer_overrides() { :; }
     chain=(tok_edges)
     ;;
-  *) echo "recipes/4m.sh: the data set is fmnist or cifar, not '$set_name'" >&2; exit 2 ;;
 esac
 test_src=$labelled/test
 
