@@ -166,12 +166,13 @@ def test_held_out_figures_with_chain_and_psnr_run_end_to_end(fmnist, tmp_path):
                                "--train", str(fmnist / "src" / "train"), "--train-join",
                                *[str(tokens / t) for t in TOKENS], "--classnames", str(fmnist / "classnames.txt"),
                                "--batches", "1", "--per-class", "2", "--generate", "maskgit:4",
-                               "--chain", "tok_fgmask", "tok_edges", "--psnr-from", "tok_edges",
+                               "--chain", "tok_fgmask", "tok_edges", "--psnr-from", "tok_edges", "--cfg", "2",
                                "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["cross_entropy"]) == set(TOKENS)
     chained = result["chained"]
     assert chained["chain"] == ["tok_caption", "tok_fgmask", "tok_edges", "tok_rgb"]
+    assert chained["cfg"] == result["caption_to_image"]["cfg"] == 2
     for path in ("chained", "direct"):
         figures = chained[path]
         assert set(figures) == {"image_class_consistency", "tok_fgmask_class_consistency", "tok_fgmask_foreground_iou",

@@ -62,16 +62,17 @@ def edge_f1(found: torch.Tensor, truth: torch.Tensor, tolerance: int = 1) -> tor
 
 
 def chained_vs_direct(objective, classify, prompts, truth: torch.Tensor, schedule: str, image: str, caption: str,
-                      chain: list[str], seed: int) -> dict:
+                      chain: list[str], seed: int, cfg: float = 1.0) -> dict:
     """Caption -> chain... -> image against caption -> image, both from the same prompts (ids, lengths)."""
     from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
 
     def run(targets):
-        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9), Schedule.parse(schedule), seed)
+        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9, cfg=cfg), Schedule.parse(schedule),
+                                   seed)
         return generator.generate({caption: prompts}, targets)
 
     chained, direct = run([*chain, image]), run([image])
-    out = {"schedule": schedule, "chain": [caption, *chain, image]}
+    out = {"schedule": schedule, "cfg": cfg, "chain": [caption, *chain, image]}
     images = {"chained": decode_images01(objective, image, chained[image]),
               "direct": decode_images01(objective, image, direct[image])}
     for path, pixels in images.items():

@@ -132,7 +132,7 @@ class PixelClassifier:
 
 
 def caption_to_image(objective, classify, classnames: list[str], template: str, schedules: list[str], image: str,
-                     caption: str, per_class: int, seed: int) -> dict:
+                     caption: str, per_class: int, seed: int, cfg: float = 1.0) -> dict:
     """Share of generated images the classifier assigns to the class their caption names."""
     from polymodal.eval.fourm_chained import decode_images01
     from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
@@ -140,10 +140,12 @@ def caption_to_image(objective, classify, classnames: list[str], template: str, 
     ids, lengths, truth = caption_prompts(objective, caption, classnames, template, per_class)
     out = {}
     for schedule in schedules:
-        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9), Schedule.parse(schedule), seed)
+        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9, cfg=cfg), Schedule.parse(schedule),
+                                   seed)
         tokens = generator.generate({caption: (ids, lengths)}, [image])[image]
         out[schedule] = float((classify(decode_images01(objective, image, tokens)) == truth).float().mean())
-    return {"class_consistency": out, "samples": len(truth), "chance": 1 / len(classnames), "template": template}
+    return {"class_consistency": out, "samples": len(truth), "chance": 1 / len(classnames), "template": template,
+            "cfg": cfg}
 
 
 def caption_prompts(objective, caption: str, classnames: list[str], template: str, per_class: int):
@@ -179,6 +181,8 @@ def main(argv=None) -> int:
                              "and rgb in the source shards")
     parser.add_argument("--template", default="a picture showing a {c}.")
     parser.add_argument("--per-class", type=int, default=20, help="generated images per class (default 20)")
+    parser.add_argument("--cfg", type=float, default=1.0,
+                        help="classifier-free guidance scale of caption -> image and the chain (default 1: none)")
     parser.add_argument("--chain", nargs="*", default=[], metavar="MODALITY",
                         help="also caption -> these modalities in turn -> image, against caption -> image (e.g. "
                              "tok_fgmask tok_edges); needs --classnames")
@@ -259,12 +263,12 @@ def generation_figures(objective, args, classnames: list[str], test_batches, res
     if args.generate:
         result["caption_to_image"] = {**judge, **caption_to_image(
             objective, classify, classnames, args.template, args.generate, args.image, args.caption,
-            args.per_class, args.seed)}
+            args.per_class, args.seed, args.cfg)}
     if args.chain:
         ids, lengths, truth = caption_prompts(objective, args.caption, classnames, args.template, args.per_class)
         result["chained"] = {**judge, **fourm_chained.chained_vs_direct(
             objective, classify, (ids, lengths), truth, args.chain_schedule, args.image, args.caption, args.chain,
-            args.seed)}
+            args.seed, args.cfg)}
 
 
 if __name__ == "__main__":
