@@ -14,8 +14,9 @@ share the cores with training, as they would on a laptop; `peer (masked beforeha
 its batches masked before the clock starts (the best a machine with spare cores for workers could do). Data: the
 config's token sets (configs/4m-tiny-cifar.yaml: CIFAR-10, emoji and ImageNet samples as rgb and edges tokens,
 captions, palettes and metadata, built by `recipes/4m.sh cifar data-out/4m-cifar`), read once into memory. Rounds
-interleave the sides; figures are medians; ratio = ours / peer. Before timing, both sides take the same batch with the same masks (drawn by ours): their losses must
-agree (the same math, two mechanisms). Peak memory of one step per side is reported too.
+interleave the sides; figures are medians; ratio = ours / peer. Before timing, both sides take the same batch with
+the same masks (drawn by ours): their losses must agree (the same math, two mechanisms). Peak memory of one step
+per side is reported too.
 
     python benchmarks/fourm_step.py                       # tiny 4M (configs/4m-tiny-cifar.yaml), batch 64
     python benchmarks/fourm_step.py --steps 3 --warmup 1 --rounds 1 --batch-size 8 --max-wait 0    # smoke run
@@ -73,7 +74,11 @@ def samples_of(objective, batches: list[dict]) -> list[dict]:
             for name, spec in objective.specs.items():
                 ids = batch[name][i]
                 lengths = batch.get(f"{name}_lengths")  # absent when every sequence of the batch is as long
-                sample[name] = (ids[: lengths[i]] if lengths is not None else ids) if spec.is_sequence else ids.flatten()
+                if not spec.is_sequence:
+                    ids = ids.flatten()
+                elif lengths is not None:
+                    ids = ids[: lengths[i]]
+                sample[name] = ids
             out.append(sample)
     return out
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from polymodal.eval.fourm_chained import sampler
 from polymodal.eval.fourm_heldout import caption_prompts
 from polymodal.generate.fourm_files import decode_images, tokenizer_of
-from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
 from polymodal.pretrain.export import load_exported
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -49,8 +49,7 @@ def main() -> None:
     ids, lengths, _ = caption_prompts(objective, args.caption, names, args.template, args.samples)
 
     def draw(targets):
-        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9), Schedule.parse(args.schedule), 0)
-        return generator.generate({args.caption: (ids, lengths)}, targets)
+        return sampler(objective, args.schedule, 0).generate({args.caption: (ids, lengths)}, targets)
 
     chained, direct = draw([*args.chain, args.image]), draw([args.image])
     columns = [pictures(objective, n, chained[n]) for n in [*args.chain, args.image]]

@@ -15,18 +15,33 @@ Used by `python -m polymodal.eval.fourm_heldout ... --chain tok_fgmask tok_edges
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from polymodal.data import derive
 
 
-def decoder_of(objective, name: str):
-    """The image tokenizer that made modality `name`, and whether it decodes class maps (segmentation)."""
+@functools.lru_cache(maxsize=16)
+def _tokenizer_model(path: str):
+    # Cached: the figures decode batch after batch, and a load reads the weights from disk and builds the model.
     from polymodal.tokenizers.registry import load_image_tokenizer
 
-    model = load_image_tokenizer(objective.modality_configs[name].tokenizer)[0].tokenizer_model
+    return load_image_tokenizer(path)[0].tokenizer_model.eval()
+
+
+def decoder_of(objective, name: str):
+    """The image tokenizer that made modality `name`, and whether it decodes class maps (segmentation)."""
+    model = _tokenizer_model(objective.modality_configs[name].tokenizer)
     return model, bool(model.classes)
+
+
+def sampler(objective, schedule: str, seed: int, cfg: float = 1.0):
+    """The generator every generation figure draws with: temperature 1, top-p 0.9, guidance `cfg`."""
+    from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
+
+    return FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9, cfg=cfg), Schedule.parse(schedule), seed)
 
 
 @torch.no_grad()
@@ -64,25 +79,22 @@ def edge_f1(found: torch.Tensor, truth: torch.Tensor, tolerance: int = 1) -> tor
 def chained_vs_direct(objective, classify, prompts, truth: torch.Tensor, schedule: str, image: str, caption: str,
                       chain: list[str], seed: int, cfg: float = 1.0) -> dict:
     """Caption -> chain... -> image against caption -> image, both from the same prompts (ids, lengths)."""
-    from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
-
     def run(targets):
-        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9, cfg=cfg), Schedule.parse(schedule),
-                                   seed)
-        return generator.generate({caption: prompts}, targets)
+        return sampler(objective, schedule, seed, cfg).generate({caption: prompts}, targets)
 
     chained, direct = run([*chain, image]), run([image])
+    maps = {}  # the chain's generated maps, decoded once: both paths are scored against them
+    for name in chain:
+        model, classes = decoder_of(objective, name)
+        with torch.no_grad():
+            maps[name] = (model.decode(chained[name]), model.classes if classes else 0)
     out = {"schedule": schedule, "cfg": cfg, "chain": [caption, *chain, image]}
-    images = {"chained": decode_images01(objective, image, chained[image]),
-              "direct": decode_images01(objective, image, direct[image])}
-    for path, pixels in images.items():
+    for path, generated in (("chained", chained), ("direct", direct)):
+        pixels = decode_images01(objective, image, generated[image])
         figures = {"image_class_consistency": float((classify(pixels) == truth).float().mean())}
-        for name in chain:
-            model, classes = decoder_of(objective, name)
-            with torch.no_grad():
-                decoded = model.decode(chained[name])
+        for name, (decoded, classes) in maps.items():
             if classes:  # a segmentation: the class it paints, and its foreground against the image's
-                painted = painted_class(decoded, model.classes)
+                painted = painted_class(decoded, classes)
                 figures[f"{name}_class_consistency"] = float((painted == truth).float().mean())
                 foreground = derive.foreground_mask(pixels, torch.zeros(len(pixels))) > 0
                 figures[f"{name}_foreground_iou"] = float(iou(foreground, decoded > 0).mean())

@@ -134,15 +134,12 @@ class PixelClassifier:
 def caption_to_image(objective, classify, classnames: list[str], template: str, schedules: list[str], image: str,
                      caption: str, per_class: int, seed: int, cfg: float = 1.0) -> dict:
     """Share of generated images the classifier assigns to the class their caption names."""
-    from polymodal.eval.fourm_chained import decode_images01
-    from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
+    from polymodal.eval.fourm_chained import decode_images01, sampler
 
     ids, lengths, truth = caption_prompts(objective, caption, classnames, template, per_class)
     out = {}
     for schedule in schedules:
-        generator = FourMGenerator(objective, Sampling(temperature=1.0, top_p=0.9, cfg=cfg), Schedule.parse(schedule),
-                                   seed)
-        tokens = generator.generate({caption: (ids, lengths)}, [image])[image]
+        tokens = sampler(objective, schedule, seed, cfg).generate({caption: (ids, lengths)}, [image])[image]
         out[schedule] = float((classify(decode_images01(objective, image, tokens)) == truth).float().mean())
     return {"class_consistency": out, "samples": len(truth), "chance": 1 / len(classnames), "template": template,
             "cfg": cfg}

@@ -93,8 +93,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                     "objective registers: open_clip (clip, siglip: the CLIP model's state dict for "
                     "open_clip.create_model_and_transforms(name, pretrained=FILE)), timm (spark, multimae: the "
                     "pretrained backbone for timm.create_model(name)), standalone (4m: the polymodal file with the "
-                    "run's tokenizers inside, for eval, embed and generate without the tokenizer folders). Asking for a format the checkpoint's "
-                    "objective does not offer lists the ones it does.",
+                    "run's tokenizers inside, for eval, embed and generate without the tokenizer folders). Asking "
+                    "for a format the checkpoint's objective does not offer lists the ones it does.",
         epilog="example: polymodal checkpoint export runs/try --format open_clip")
     export.add_argument("run_dir")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00000100 (default: latest)")

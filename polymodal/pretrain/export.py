@@ -177,7 +177,6 @@ def load_exported(path: str | Path):
     from safetensors.torch import load_file
 
     from polymodal.pretrain.objectives import build_objective
-
     from polymodal.tokenizers.bundle import unbundle
 
     metadata = exported_metadata(path)
