@@ -24,12 +24,15 @@ META_PREFIX = "polymodal.tokenizer."
 TENSOR_PREFIX = "tokenizers."
 
 
+IMAGE_TOKENIZERS = ("fsq", "vqvae")  # the objectives whose exports are image tokenizers
+
+
 def bundle(tokenizer_specs: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) carrying each modality's tokenizer ({modality: spec as the config names it})."""
+    # Plain safetensors and JSON reads, not the registry or the export module: those import this one's caller
+    # (pretrain/export.py), and the files are checked here by what they hold.
+    from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from polymodal.pretrain.export import exported_metadata
-    from polymodal.tokenizers import registry
 
     tensors, metadata = {}, {}
     for modality, spec in tokenizer_specs.items():
@@ -37,12 +40,19 @@ def bundle(tokenizer_specs: dict[str, str]) -> tuple[dict[str, torch.Tensor], di
         weights = path / "model.safetensors" if path.is_dir() else path
         vocabulary = path / "tokenizer.json" if path.is_dir() else path
         if weights.suffix == ".safetensors" and weights.is_file():
-            registry.load_image_tokenizer(str(weights))  # refuses anything but an fsq/vqvae export
+            with safe_open(str(weights), "pt") as f:
+                carried = f.metadata() or {}
+            if json.loads(carried.get("polymodal.objective", "{}")).get("name") not in IMAGE_TOKENIZERS:
+                raise ConfigError(f"tokenizer of {modality}: {weights} is not an exported image tokenizer "
+                                  f"({', '.join(IMAGE_TOKENIZERS)})")
             tensors.update({f"{TENSOR_PREFIX}{modality}.{k}": v for k, v in load_file(str(weights)).items()})
-            entry = {"kind": "image", "metadata": exported_metadata(weights)}
+            entry = {"kind": "image", "metadata": carried}
         elif vocabulary.suffix == ".json" and vocabulary.is_file():
-            registry.load(str(vocabulary))  # a WordPiece vocabulary with polymodal's settings
-            entry = {"kind": "wordpiece", "tokenizer_json": vocabulary.read_text(encoding="utf-8")}
+            text = vocabulary.read_text(encoding="utf-8")
+            if "polymodal" not in json.loads(text):
+                raise ConfigError(f"tokenizer of {modality}: {vocabulary} is a tokenizers file without polymodal's "
+                                  "settings (polymodal tokenizer train-text writes them)")
+            entry = {"kind": "wordpiece", "tokenizer_json": text}
         elif ":" in spec and not path.exists():
             continue  # a tokenizer by name (open_clip_bpe:...): nothing to carry
         else:
@@ -55,7 +65,7 @@ def bundle(tokenizer_specs: dict[str, str]) -> tuple[dict[str, torch.Tensor], di
 def unbundle(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
     """Write the carried tokenizers to a temporary folder; {modality: path to load it from}. Removes their tensors
     from `tensors`."""
-    from polymodal.pretrain.export import write_safetensors
+    from safetensors.torch import save_file
 
     entries = {k[len(META_PREFIX):]: json.loads(v) for k, v in metadata.items() if k.startswith(META_PREFIX)}
     if not entries:
@@ -69,7 +79,7 @@ def unbundle(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
         prefix = f"{TENSOR_PREFIX}{modality}."
         own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         if entry["kind"] == "image":
-            write_safetensors(own, folder / "model.safetensors", entry["metadata"])
+            save_file(own, str(folder / "model.safetensors"), metadata=entry["metadata"])
         else:
             (folder / "tokenizer.json").write_text(entry["tokenizer_json"], encoding="utf-8")
         paths[modality] = str(folder)
