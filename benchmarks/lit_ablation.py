@@ -41,13 +41,14 @@ FMNIST_NAMES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag
 VAL_EMOJI = 300
 
 
-def _towers():
+def _towers(unlocked_groups: int = 0):
     from polymodal.pretrain.objectives import build_objective
     torch.manual_seed(0)
     return build_objective({"name": "align", "image_tower": "efficientnet-lite0", "pretrained_image": True,
                             "text_tower": "all-minilm-l6-v2", "pretrained_text": True, "embed_dim": 384,
                             "text_projection": "identity", "lock_image": True, "lock_text": True,
-                            "context_length": 32, "image_pool": "stages"}).eval()
+                            "lock_image_unlocked_groups": unlocked_groups, "context_length": 32,
+                            "image_pool": "stages"}).eval()
 
 
 CROP_SCALE = [0.4, 1.0]  # the augmented view: a random-resized crop of at least 40% of the picture, and a flip
@@ -71,19 +72,25 @@ def _text_states(obj, tokens):
 
 
 @torch.no_grad()
-def _images(obj, shards, size, modalities=("rgb",), augment=False):
-    """Pooled head features, pooled features of each stage (the tower's image_pool='stages' output, split), keys."""
+def _images(obj, shards, size, modalities=("rgb",), augment=False, maps=False):
+    """Pooled head features, pooled features of each stage (the tower's image_pool='stages' output, split), keys;
+    with `maps`, also the input to the last stage (fp16 maps), for the variants that train that stage."""
     tower = obj.model.image
     stage_width = sum(tower.stage_widths())
-    pooled, ids, labels, captions = [], [], [], []
+    pooled, ids, labels, captions, taps = [], [], [], [], []
+    hook = (tower.net._blocks[tower._stage_ends()[-2]].register_forward_hook(
+        lambda _m, _a, out: taps.append(out.half())) if maps else None)
     for b in _loader(shards, list(modalities), size, augment):
         pooled.append(tower(obj.normalize_images(b["rgb"])))
         ids += [f"{u}#{k}" for u, k in zip(b["__url__"], b["__key__"])]
         labels += list(b.get("label", []))
         captions += list(b.get("caption", []))
+    if hook is not None:
+        hook.remove()
     pooled = torch.cat(pooled)
     return {"image": pooled[:, stage_width:], "multi": pooled[:, :stage_width], "ids": ids,
-            "label": torch.tensor(labels) if labels else None, "captions": captions}
+            "label": torch.tensor(labels) if labels else None, "captions": captions,
+            "maps": torch.cat(taps) if taps else None}
 
 
 def features(args) -> None:
@@ -106,9 +113,11 @@ def features(args) -> None:
         torch.save({"image": view["image"], "multi": view["multi"], "ids": view["ids"]}, out / "train-224-aug.pt")
         print(f"an augmented view of {len(view['ids'])} training images: {time.time() - t0:.0f} s", flush=True)
         return
-    for size in (128, 224):
+    for size in args.sizes:
         t0 = time.time()
-        train = _images(obj, train_shards, size, ("rgb", "caption"))
+        train = _images(obj, train_shards, size, ("rgb", "caption"), maps=args.stage_maps)
+        if args.stage_maps:
+            torch.save({"maps": train["maps"], "ids": train["ids"]}, out / f"train-{size}-maps.pt")
         with torch.no_grad():
             states = [_text_states(obj, torch.stack([tokenize(c) for c in train["captions"][i:i + 256]]))
                       for i in range(0, len(train["ids"]), 256)]
@@ -116,7 +125,9 @@ def features(args) -> None:
         torch.save({"image": train["image"], "multi": train["multi"], "text": text, "hidden": hidden, "mask": mask,
                     "ids": train["ids"]}, out / f"train-{size}.pt")
         for name in ("cifar-val", "fmnist-val"):
-            val = _images(obj, f"{out}/{name}/{{2..3}}.tar", size, ("rgb", "label"))
+            val = _images(obj, f"{out}/{name}/{{2..3}}.tar", size, ("rgb", "label"), maps=args.stage_maps)
+            if args.stage_maps:
+                torch.save({"maps": val["maps"]}, out / f"{name}-{size}-maps.pt")
             classes = (out / name / "classnames.txt").read_text().split("\n")[:10]
             templates = [t for t in (out / name / "zeroshot_classification_templates.txt").read_text().split("\n")
                          if t]
@@ -146,10 +157,50 @@ VARIANTS = {  # name: (image size, head, options)
     "recipe224-crop-aug": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7, "steps": 600,
                                                "augmented": True}),
     "recipe224": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7, "steps": 600}),
+    # The image tower's last stage (its last block, head conv and head norm: lock_image_unlocked_groups=3, norms
+    # in training mode as the engine runs them) trained on cached inputs to that stage, at the given learning rate;
+    # the rest as recipe224.
+    "recipe224-last-stage-1e-4": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7,
+                                                      "steps": 600, "last_stage_lr": 1e-4}),
+    "recipe224-last-stage-1e-5": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7,
+                                                      "steps": 600, "last_stage_lr": 1e-5}),
+    # Each training emoji pair's caption is, half the time, one of three others made from its own metadata (its
+    # name with its keywords, the keywords alone, its short names with its subcategory); the rest as recipe224.
+    "recipe224-caption-variants": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7,
+                                                       "steps": 600, "caption_variants": 0.5}),
+    # Four recipe224 heads from different initialisations, each with its own loss on the same batches; evaluated on
+    # the mean of their (unnormalised) outputs, which is one head four times as wide.
+    "recipe224-ensemble4": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7,
+                                                "steps": 600, "ensemble": 4}),
     "last-layer-1e-5": (224, "linear", {"text_lr": 1e-5}),
     "last-layer-3e-5": (224, "linear", {"text_lr": 3e-5}),
     "last-layer-1e-4": (224, "linear", {"text_lr": 1e-4}),
 }
+
+
+class LastStage(nn.Module):
+    """A trainable copy of EfficientNet-Lite0's last stage (from a tower locked with its last 3 groups unlocked: the
+    last block, then the head conv and norm); returns that block's pooled output and the pooled head features (the
+    last two parts of image_pool='stages')."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        import copy
+        self.block, self.conv_head, self.norm = (copy.deepcopy(m) for m in (net._blocks[-1], net._conv_head, net._bn1))
+        self.act = net._swish
+        self.requires_grad_(True)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        x = self.block(maps.float())
+        return torch.cat([x.mean(dim=(2, 3)), self.act(self.norm(self.conv_head(x))).mean(dim=(2, 3))], 1)
+
+
+class Ensemble(nn.ModuleList):
+    """Heads trained side by side, each with its own loss (training: [K, B, D]); evaluated on their mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.stack([member(x) for member in self])
+        return out if self.training else out.mean(0)
 
 
 class Head(nn.Module):
@@ -157,8 +208,9 @@ class Head(nn.Module):
         super().__init__()
         if kind in ("mlp", "multistage"):
             width, (p_in, p_hidden) = opts.get("width", 1024), opts.get("dropout", (0.0, 0.0))
-            self.image = nn.Sequential(nn.Dropout(p_in), nn.Linear(width_in, width), nn.GELU(), nn.Dropout(p_hidden),
-                                       nn.Linear(width, 384))
+            mlp = lambda: nn.Sequential(nn.Dropout(p_in), nn.Linear(width_in, width), nn.GELU(),  # noqa: E731
+                                        nn.Dropout(p_hidden), nn.Linear(width, 384))
+            self.image = Ensemble([mlp() for _ in range(opts["ensemble"])]) if "ensemble" in opts else mlp()
         else:
             self.image = nn.Linear(width_in, 384, bias=False)
         if kind == "lsq":  # ridge least-squares map from image to text features (suspect 4)
@@ -171,6 +223,33 @@ class Head(nn.Module):
             nn.init.eye_(self.text.weight)
         self.last_layer = last_layer
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / opts.get("temp", 0.07))))
+
+
+def caption_variants(meta: dict) -> list[str]:
+    """Other captions of an emoji pair from its own metadata (the demo shards' .json): name and keywords,
+    keywords alone, short names and subcategory."""
+    words = lambda items: list(dict.fromkeys(w.replace("_", " ").replace("-", " ").strip() for w in items))  # noqa: E731
+    name = meta["name"]
+    keywords = [w for w in words(meta.get("keywords", [])) if w and w != name]
+    short = [w for w in words(meta.get("short_names", [])) if w]
+    out = []
+    if keywords:
+        out += [f"{name}, {', '.join(keywords)}", ", ".join(keywords)]
+    if short:
+        out.append(f"{', '.join(short)} ({meta.get('subcategory', '').replace('-', ' ')})")
+    return out
+
+
+def _shard_json(ids: list[str]) -> dict[str, dict]:
+    """The .json member of each `url#key` sample of gzipped demo shards."""
+    import tarfile
+    found = {}
+    for url in dict.fromkeys(i.split("#")[0] for i in ids if "demo_data" in i):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    found[f"{url}#{member.name[:-5]}"] = json.loads(tar.extractfile(member).read())
+    return found
 
 
 def _pool_last_layer(layer, hidden, mask):
@@ -186,7 +265,10 @@ def train(args) -> None:
     cache = Path(args.cache)
     load = functools.lru_cache(maxsize=None)(lambda name: torch.load(cache / name))  # each file read once
     rows = []
-    bert = _towers().model.text.net
+    towers = _towers()
+    bert = towers.model.text.net
+    image_net = _towers(unlocked_groups=3).model.image.net
+    fixed_width = sum(towers.model.image.stage_widths()[:-1])  # pooled stages before the last one
     for seed in args.seeds:
         for name in args.variants or list(VARIANTS):
             size, kind, opts = VARIANTS[name]
@@ -201,9 +283,24 @@ def train(args) -> None:
                 aug = load("train-224-aug.pt")
                 assert aug["ids"] == tr["ids"], "the augmented view lists other samples: rerun features"
                 x_aug = torch.cat([aug["multi"], aug["image"]], 1)
+            maps = None
+            if "last_stage_lr" in opts:
+                cached = load(f"train-{size}-maps.pt")
+                assert cached["ids"] == tr["ids"], "the stage maps list other samples: rerun features --stage-maps"
+                maps = cached["maps"]
+                with torch.no_grad():  # the copied stage reproduces the cached features (fp16 maps: small error)
+                    gap = (LastStage(image_net)(maps[:64]) - x_all[:64, fixed_width:]).abs().max()
+                assert gap < 0.05 * x_all[:64, fixed_width:].abs().max(), f"last stage off by {gap}"
             torch.manual_seed(seed)
             last = copy.deepcopy(bert.encoder.layer[-1]).requires_grad_(True) if "text_lr" in opts else None
             head = Head(kind, x_all.shape[1], opts, last, x_all[train_idx], tr["text"][train_idx])
+            head.last_stage = LastStage(image_net) if maps is not None else None
+
+            def image_input(index, x=x_all, stage_maps=maps):
+                """Head input for these rows; with a trained last stage, its part is recomputed from the maps."""
+                if head.last_stage is None:
+                    return x[index]
+                return torch.cat([x[index, :fixed_width], head.last_stage(stage_maps[index])], 1)
 
             def embed_text(hidden, mask, pooled=None):
                 if head.last_layer is not None or pooled is None:
@@ -212,10 +309,28 @@ def train(args) -> None:
                 return F.normalize(head.text(pooled) if head.text is not None else pooled, dim=-1)
 
             steps = opts.get("steps", 300)
-            main = [p for n, p in head.named_parameters() if not n.startswith("last_layer.")]
+            main = [p for n, p in head.named_parameters() if not n.startswith(("last_layer.", "last_stage."))]
             groups = [{"params": main, "lr": 1e-3}]
             if last is not None:
                 groups.append({"params": list(last.parameters()), "lr": opts["text_lr"]})
+            if head.last_stage is not None:
+                groups.append({"params": list(head.last_stage.parameters()), "lr": opts["last_stage_lr"]})
+            variant_rows = None
+            if "caption_variants" in opts:  # MiniLM's pooled features of each sample's other captions
+                metas, tokenize = _shard_json(tr["ids"]), towers.tokenizer()
+                owners, texts = [], []
+                for i in train_idx.tolist():
+                    for caption in caption_variants(metas[tr["ids"][i]]) if tr["ids"][i] in metas else []:
+                        owners.append(i)
+                        texts.append(caption)
+                with torch.no_grad():
+                    extra = torch.cat([towers.model.text(torch.stack([tokenize(t) for t in texts[j:j + 256]]))
+                                       for j in range(0, len(texts), 256)])
+                variant_rows = {}
+                for row, owner in enumerate(owners):
+                    variant_rows.setdefault(owner, []).append(row)
+                print(f"{len(texts)} other captions for {len(variant_rows)} training pairs, e.g. {texts[:3]}",
+                      flush=True)
             # Emoji pairs drawn emoji_weight times as often as the others (data.shard_weights in the recipe).
             weight = torch.tensor([opts.get("emoji_weight", 1.0) if "demo_data" in tr["ids"][i] else 1.0
                                    for i in train_idx.tolist()])
@@ -224,32 +339,43 @@ def train(args) -> None:
                                                       0.5 * (1 + math.cos(math.pi * (s - 10) / (steps - 10))))
             t0 = time.time()
             head.image.train()  # dropout (only the image head has any)
+            if head.last_stage is not None:
+                head.last_stage.train()  # batch statistics in its norms, as the engine trains unlocked groups
             for _ in range(steps):
                 draw = (torch.multinomial(weight, 256, replacement=True) if "emoji_weight" in opts
                         else torch.randint(len(train_idx), (256,)))
                 b = torch.unique(train_idx[draw])  # no sample twice in a batch
                 mask = tr["mask"][b]
                 used = int(mask.any(0).nonzero().max()) + 1
-                t = embed_text(tr["hidden"][b][:, :used], mask[:, :used], None if last is not None else tr["text"][b])
-                x = x_all[b]
+                pooled = None if last is not None else tr["text"][b]
+                if variant_rows is not None:  # some captions swapped for one of the sample's others
+                    pooled = pooled.clone()
+                    for j, i in enumerate(b.tolist()):
+                        if i in variant_rows and torch.rand(()) < opts["caption_variants"]:
+                            rows_i = variant_rows[i]
+                            pooled[j] = extra[rows_i[int(torch.randint(len(rows_i), ()))]]
+                t = embed_text(tr["hidden"][b][:, :used], mask[:, :used], pooled)
+                x = image_input(b)
                 if x_aug is not None:  # each image: its plain or its augmented view, even odds
                     x = torch.where(torch.rand(len(b), 1) < 0.5, x_aug[b], x)
                 i = F.normalize(head.image(x), dim=-1)
                 logits = head.log_scale.clamp(max=math.log(100)).exp() * i @ t.T
-                y = torch.arange(len(b))
-                loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+                logits = logits if logits.dim() == 3 else logits[None]  # [members, B, B]
+                y = torch.arange(len(b)).repeat(len(logits))
+                loss = (F.cross_entropy(logits.flatten(0, 1), y)
+                        + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), y)) / 2
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
             seconds = time.time() - t0
-            head.image.eval()
+            head.eval()  # as head.image.eval() and head.last_stage.eval()
             with torch.no_grad():
                 mask = tr["mask"][val_emoji]
                 used = int(mask.any(0).nonzero().max()) + 1
                 t = embed_text(tr["hidden"][val_emoji][:, :used], mask[:, :used],
                                None if last is not None else tr["text"][val_emoji])
-                sim = F.normalize(head.image(x_all[val_emoji]), dim=-1) @ t.T
+                sim = F.normalize(head.image(image_input(val_emoji)), dim=-1) @ t.T
                 truth = torch.arange(len(val_emoji))
                 row = {"variant": name, "seed": seed, "train_s": round(seconds, 1),
                        "emoji_i2t_r1": round(float((sim.argmax(1) == truth).float().mean()), 4),
@@ -260,6 +386,9 @@ def train(args) -> None:
                     prompts = embed_text(d["hidden"][:, :used], d["mask"][:, :used])
                     classes = F.normalize(prompts.view(d["classes"], d["templates"], -1).mean(1), dim=-1)
                     x = torch.cat([d["multi"], d["image"]], 1) if kind == "multistage" else d["image"]
+                    val_maps = load(f"{val}-val-{size}-maps.pt")["maps"] if maps is not None else None
+                    x = torch.cat([image_input(torch.arange(i, min(i + 500, len(x))), x, val_maps)
+                                   for i in range(0, len(x), 500)])
                     pred = (F.normalize(head.image(x), dim=-1) @ classes.T).argmax(1)
                     row[f"{val}_zeroshot"] = round(float((pred == d["label"]).float().mean()), 4)
             rows.append(row)
@@ -279,6 +408,9 @@ def main() -> None:
     f = sub.add_parser("features", help="build validation splits and cache frozen-tower features (once)")
     f.add_argument("--mixed", default="data-out/mixed", help="recipes/mixed-pairs.sh's output folder")
     f.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    f.add_argument("--sizes", type=int, nargs="+", default=[128, 224], choices=[128, 224])
+    f.add_argument("--stage-maps", action="store_true",
+                   help="also keep the input to the image tower's last stage (for the last-stage variants)")
     f.add_argument("--augmented-view", action="store_true",
                    help="instead: one augmented view of every training image at 224 px (for the crop-aug variant)")
     t = sub.add_parser("train", help="train every variant on the cached features, print JSON lines and a table")

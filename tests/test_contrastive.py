@@ -303,6 +303,50 @@ def test_cached_tower_features_give_the_same_loss_and_run_each_tower_once_per_sa
         cached.check_run(run, zero_stage=0)
 
 
+def test_partly_unlocked_image_tower_keeps_its_locked_part(emoji_shards):
+    """LiT with the image tower's last stage unlocked (its last block, head conv and head norm): with
+    cache_tower_features each sample's locked part (the maps entering that block, and the pooled earlier stages)
+    is computed once, and each step runs the last stage alone, in training mode, with the uncached objective's
+    loss and gradients."""
+    from polymodal.data.config import DataConfig
+    from polymodal.data.pipeline import ShardLoader
+    from polymodal.distributed import Placement
+    from polymodal.pretrain.objectives import build_objective
+
+    section = {"name": "align", "image_tower": "efficientnet-lite0", "pretrained_image": True,
+               "text_tower": "all-minilm-l6-v2", "pretrained_text": True, "embed_dim": 384,
+               "text_projection": "identity", "lock_image": True, "lock_image_unlocked_groups": 3,
+               "lock_text": True, "context_length": 16, "image_pool": "stages", "image_head": 64}
+    torch.manual_seed(0)
+    plain = build_objective(section).train()
+    torch.manual_seed(0)
+    cached = build_objective({**section, "cache_tower_features": True}).train()
+    assert cached._image_split == 15  # blocks 0..14 locked and kept, block 15 and the head trained
+    cfg = DataConfig(shards=str(emoji_shards / "0.tar"), modalities=["rgb", "caption"], batch_size=12, num_workers=0,
+                     shuffle_buffer=0, shuffle_shards=False, image_size=64, augment=False)
+    batch = next(iter(ShardLoader(cfg, tokenizer=plain.tokenizer(), where=Placement(0, 1))))
+    stem_runs = []
+    cached.model.image.net._conv_stem.register_forward_hook(lambda *_: stem_runs.append(1))
+    expected = plain(batch)["loss"]
+    expected.backward()
+    last = lambda objective: objective.model.image.net._blocks[15]._project_conv.weight.grad  # noqa: E731
+    assert last(plain) is not None and float(last(plain).abs().sum()) > 0
+    for _ in range(2):
+        cached.zero_grad()
+        got = cached(batch)["loss"]
+        got.backward()
+        assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+        torch.testing.assert_close(last(cached), last(plain), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(cached.model.image_proj[0].weight.grad, plain.model.image_proj[0].weight.grad,
+                                   rtol=1e-4, atol=1e-6)
+    assert len(stem_runs) == 1
+    with pytest.raises(ConfigError, match="cache_tower_features.*EfficientNet-Lite"):
+        build_objective({"name": "align", "image_tower": "resnet18", "lock_image": True,
+                         "lock_image_unlocked_groups": 1, "cache_tower_features": True})
+    with pytest.raises(ConfigError, match="cache_tower_features.*stem would train"):
+        build_objective({**section, "lock_image_unlocked_groups": 19, "cache_tower_features": True})
+
+
 def test_learning_rate_scales_by_parameter_prefix_and_init_from_an_export(clip_run):
     from polymodal.pretrain.export import init_from_export
     from polymodal.pretrain.objectives import build_objective

@@ -43,6 +43,8 @@ def test_efficientnet_lite_stages_end_where_the_width_changes(images):
         first = stages.net._swish(stages.net._bn0(stages.net._conv_stem(images)))
         first = stages.net._blocks[0](first).mean(dim=(2, 3))
         torch.testing.assert_close(out[:, -1280:], head(images))
+        # Our two-part forward (locked part, then the rest) is the package's own extract_features.
+        torch.testing.assert_close(head(images), head.net.extract_features(images).mean(dim=(2, 3)))
     torch.testing.assert_close(out[:, :16], first)
     assert all(not block._forward_hooks for block in stages.net._blocks)  # the taps are gone after the forward
 

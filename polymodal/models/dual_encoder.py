@@ -125,27 +125,57 @@ class ImageTower(nn.Module):
                 self.net.get_submodule(parent).add_module(child, frozen)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.pool == "stages":
-            return torch.cat(self._stage_features(images), dim=1)
         if self.kind == "efficientnet-lite":
-            return self.net.extract_features(images).mean(dim=(2, 3))
+            return self.unlocked_part(*self.locked_part(images, 0), 0)
+        if self.pool == "stages":
+            final, stages = self.net.forward_intermediates(images)  # NCHW maps (ViTs too: tokens on their grid)
+            return torch.cat([s.mean(dim=(2, 3)) for s in stages]
+                             + [self.net.forward_head(final, pre_logits=True)], dim=1)
         return self.net(images)
 
-    def _stage_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Mean-pooled output of each stage, then the pooled head features."""
-        if self.kind == "timm":
-            final, stages = self.net.forward_intermediates(images)  # NCHW maps (ViTs too: tokens on their grid)
-            return [s.mean(dim=(2, 3)) for s in stages] + [self.net.forward_head(final, pre_logits=True)]
-        # The packaged EfficientNet has no intermediate outputs: hooks collect them during its own forward.
-        taps: list[torch.Tensor] = []
-        hooks = [self.net._blocks[i].register_forward_hook(lambda _m, _a, out: taps.append(out.mean(dim=(2, 3))))
-                 for i in self._stage_ends()]
-        try:
-            head = self.net.extract_features(images).mean(dim=(2, 3))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return taps + [head]
+    # The packaged EfficientNet-Lite runs in two parts around block `split`, so that a run with only its last
+    # groups unlocked can keep each sample's locked part (`objective.cache_tower_features`) and run the rest.
+    # Written out (not through its extract_features) because that has no intermediate outputs; the ops and the
+    # drop-connect schedule are its own.
+
+    def split_block(self, unlocked_groups: int) -> int:
+        """The first block the last `unlocked_groups` groups train (the number of blocks when only the head conv
+        and norm are unlocked); everything before it is locked."""
+        if self.kind != "efficientnet-lite":
+            raise ConfigError("a partly unlocked image tower's locked part can be kept (cache_tower_features) for "
+                              "the packaged EfficientNet-Lite only")
+        first = len(self.groups()) - unlocked_groups  # groups: stem conv, stem norm, each block, head conv, norm
+        if unlocked_groups <= 0 or first < 2:
+            raise ConfigError(f"unlocked_groups {unlocked_groups}: the stem would train, so no part of the "
+                              "tower is locked")
+        return min(first - 2, len(self.net._blocks))
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        rate = self.net._global_params.drop_connect_rate  # scaled by depth, as extract_features does
+        return self.net._blocks[i](x, drop_connect_rate=rate * i / len(self.net._blocks) if rate else rate)
+
+    def locked_part(self, images: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps entering block `split`, and (pool='stages') the pooled outputs of the stages ending before it
+        (an empty tensor otherwise)."""
+        net, ends = self.net, set(self._stage_ends())
+        x = net._swish(net._bn0(net._conv_stem(images)))
+        taps = []
+        for i in range(split):
+            x = self._block(i, x)
+            if self.pool == "stages" and i in ends:
+                taps.append(x.mean(dim=(2, 3)))
+        return x, torch.cat(taps, dim=1) if taps else x.new_zeros(len(x), 0)
+
+    def unlocked_part(self, maps: torch.Tensor, pooled: torch.Tensor, split: int) -> torch.Tensor:
+        """The tower's features from `locked_part`'s output: blocks `split`.. and the head."""
+        net, ends = self.net, set(self._stage_ends())
+        x, taps = maps, [pooled]
+        for i in range(split, len(net._blocks)):
+            x = self._block(i, x)
+            if self.pool == "stages" and i in ends:
+                taps.append(x.mean(dim=(2, 3)))
+        taps.append(net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3)))
+        return torch.cat(taps, dim=1)
 
 
 class TextTower(nn.Module):
