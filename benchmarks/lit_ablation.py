@@ -16,7 +16,9 @@ Validation data, none of it used to train:
 Variants (the issue's suspects): linear map at 128 and 224 px, an MLP head, the least-squares initialisation,
 a learned text projection, the initial temperature, weight decay, twice the steps, MiniLM's last layer trained at
 three learning rates; then (224 px) pooled features of every stage concatenated ("multistage"), a wider head with
-dropout, emoji pairs drawn 7x as often as the others ("emoji7"), and all of these together ("recipe224").
+dropout, emoji pairs drawn 7x as often as the others ("emoji7"), and all of these together ("recipe224"); then the
+recipe with the image tower's last stage trained on cached inputs to it (`features --sizes 224 --stage-maps` first),
+with more captions per emoji pair from its own metadata, and as an ensemble of four heads.
 """
 
 from __future__ import annotations
