@@ -56,9 +56,10 @@ class ReferenceMasking(torch.utils.data.Dataset):
                                    for s in objective.specs.values()])
         self.is_image = torch.tensor([not s.is_sequence for s in objective.specs.values()])
         eps = 1e-9
-        self.inputs = [Dirichlet(a.clamp_min(eps)) for a in objective.input_alphas]
-        self.targets = [Dirichlet(a.clamp_min(eps)) for a in objective.target_alphas]
-        self.weights = objective.mixture_weights
+        # On the CPU whatever device the model is on: this runs in loader workers, as the reference's masking does.
+        self.inputs = [Dirichlet(a.clamp_min(eps).cpu()) for a in objective.input_alphas]
+        self.targets = [Dirichlet(a.clamp_min(eps).cpu()) for a in objective.target_alphas]
+        self.weights = objective.mixture_weights.cpu()
         self.sentinels = objective.sentinel_ids.tolist()
 
     def __len__(self) -> int:
@@ -120,19 +121,22 @@ def collate(samples: list[dict]) -> dict:
     return {name: tuple(torch.stack(parts) for parts in zip(*(s[name] for s in samples))) for name in samples[0]}
 
 
-def as_tokens(objective, batch: dict) -> tuple[dict, dict, dict]:
-    """The reference's masked batch as (inputs, targets, labels) in our objective's terms."""
+def as_tokens(objective, batch: dict, device=None) -> tuple[dict, dict, dict]:
+    """The reference's masked batch as (inputs, targets, labels) in our objective's terms, on `device` (default:
+    where the batch is; the reference's training loop moves each loader batch there)."""
     inputs, targets, labels = {}, {}, {}
     for name, parts in batch.items():
+        if device is not None:
+            parts = tuple(part.to(device, non_blocking=True) for part in parts)
         if objective.specs[name].is_sequence:
             given, given_keep, wanted, wanted_keep = parts
-            positions = torch.arange(given.shape[1]).expand(given.shape[0], -1)
+            positions = torch.arange(given.shape[1], device=given.device).expand(given.shape[0], -1)
             inputs[name] = Tokens(given, positions, given_keep)
             targets[name] = Tokens(wanted[:, :-1], positions[:, :-1], wanted_keep[:, 1:])
             labels[name] = wanted[:, 1:]
         else:
             ids, shown, predicted = parts
-            positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
             inputs[name], targets[name], labels[name] = Tokens(ids, positions, shown), Tokens(None, positions,
                                                                                                  predicted), ids
     return inputs, targets, labels
@@ -179,23 +183,24 @@ def stack(transformer, x, mask, context=None, context_mask=None):
 def reference_loss(objective, inputs: dict, targets: dict, labels: dict) -> torch.Tensor:
     """The same loss as our objective's, computed the reference's way (fixed padded counts, dense masks)."""
     model = objective.model
-    b = next(iter(inputs.values())).keep.shape[0]
+    b, device = next(iter(inputs.values())).keep.shape[0], next(iter(inputs.values())).keep.device
     in_count = objective.input_budget if isinstance(objective.input_budget, int) else objective.input_budget[1]
     out_count = objective.target_budget if isinstance(objective.target_budget, int) else objective.target_budget[1]
     parts = [model.global_tokens.expand(b, -1, -1)] + [model.embed_tokens(n, t) for n, t in inputs.items()]
-    keep = torch.cat([torch.ones(b, model.num_global, dtype=torch.bool)] + [t.keep for t in inputs.values()], 1)
+    keep = torch.cat([torch.ones(b, model.num_global, dtype=torch.bool, device=device)]
+                     + [t.keep for t in inputs.values()], 1)
     x, valid = fixed(torch.cat(parts, 1), keep, in_count + model.num_global)
     encoded = stack(model.encoder, x, valid[:, None, None, :])
-    owner = torch.cat([torch.full(t.keep.shape, model.index[n]) for n, t in targets.items()], 1)
+    owner = torch.cat([torch.full(t.keep.shape, model.index[n], device=device) for n, t in targets.items()], 1)
     parts = [model.embed_tokens(n, t) for n, t in targets.items()]
     keep = torch.cat([t.keep for t in targets.values()], 1)
     y, y_valid = fixed(torch.cat(parts, 1), keep, out_count)
     owner, _ = fixed(owner[..., None], keep, out_count)
     owner = owner.squeeze(-1)
-    causal = torch.tensor([s.is_sequence for s in model.modalities.values()])[owner]
-    earlier = torch.ones(out_count, out_count, dtype=torch.bool).tril()
+    causal = torch.tensor([s.is_sequence for s in model.modalities.values()], device=device)[owner]
+    earlier = torch.ones(out_count, out_count, dtype=torch.bool, device=device).tril()
     mask = (owner[:, :, None] == owner[:, None, :]) & y_valid[:, None, :] & (~causal[:, :, None] | earlier)
-    mask |= torch.eye(out_count, dtype=torch.bool)
+    mask |= torch.eye(out_count, dtype=torch.bool, device=device)
     decoded = stack(model.decoder, y, mask[:, None], encoded, valid[:, None, None, :])
     truth, _ = fixed(torch.cat([labels[n][..., None] for n in targets], 1), keep, out_count)
     truth = truth.squeeze(-1)

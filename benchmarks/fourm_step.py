@@ -20,6 +20,13 @@ per side is reported too.
 
     python benchmarks/fourm_step.py                       # tiny 4M (configs/4m-tiny-cifar.yaml), batch 64
     python benchmarks/fourm_step.py --steps 3 --warmup 1 --rounds 1 --batch-size 8 --max-wait 0    # smoke run
+    python benchmarks/fourm_step.py --device cuda --precision bf16 --dim 768 --encoder-depth 12 \
+        --decoder-depth 12 --heads 12 --batch-size 256 --max-wait 0          # 4M-B's widths, on a GPU, with MFU
+
+On a GPU (--device cuda) both sides train under bf16 autocast when --precision bf16, each step ends with a device
+synchronize, and MFU is reported: training FLOPs per sample (3x the forward, counted by torch on our side) times
+samples/s over the device's datasheet peak. The data stay the config's token sets (4M-B's widths on the tiny
+token budgets: a speed figure, not 4M-B's own sequence lengths).
 """
 
 from __future__ import annotations
@@ -45,11 +52,26 @@ def build(args):
     from polymodal.pretrain.objectives import build_objective
 
     overrides = [f"data.batch_size={args.batch_size}"]
+    overrides += [f"objective.{key}={getattr(args, key)}" for key in ("dim", "encoder_depth", "decoder_depth", "heads")
+                  if getattr(args, key) is not None]
     overrides += [f"data.shards={args.shards}"] if args.shards else []
     overrides += [f"data.join=[{','.join(args.join)}]"] if args.join else []
     cfg = load_pretrain_config(args.config, overrides)
     torch.manual_seed(args.seed)
-    return cfg, build_objective(cfg.objective).train()
+    return cfg, build_objective(cfg.objective).to(args.device).train()
+
+
+def autocast(args):
+    import contextlib
+
+    if args.precision == "bf16":
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(args) -> None:
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.synchronize(args.device)
 
 
 def raw_batches(cfg, count: int) -> list[dict]:
@@ -104,20 +126,25 @@ def loss_check(objective, batch) -> dict:
             abs(ours)}
 
 
-def step(objective, optimizer, loss_fn):
+def step(objective, optimizer, loss_fn, args=None):
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn()
+    if args is None:
+        loss = loss_fn()
+    else:
+        with autocast(args):
+            loss = loss_fn()
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return loss.item()  # waits for the device
 
 
 def run_ours(args, objective, optimizer, batches) -> float:
     for batch in batches[: args.warmup]:
-        step(objective, optimizer, lambda: objective(batch)["loss"])
+        step(objective, optimizer, lambda: objective(batch)["loss"], args)
+    sync(args)
     t0 = time.perf_counter()
     for batch in batches[args.warmup:]:
-        step(objective, optimizer, lambda: objective(batch)["loss"])
+        step(objective, optimizer, lambda: objective(batch)["loss"], args)
     return args.batch_size * (len(batches) - args.warmup) / (time.perf_counter() - t0)
 
 
@@ -129,15 +156,21 @@ def run_peer(args, objective, optimizer, dataset, premasked: list | None = None)
     n, t0 = 0, None
     for i, batch in enumerate(loader):
         if i == args.warmup:
+            sync(args)
             t0 = time.perf_counter()
-        step(objective, optimizer, lambda: reference_loss(objective, *as_tokens(objective, batch)))
+        step(objective, optimizer, lambda: reference_loss(objective, *as_tokens(objective, batch, args.device)), args)
         n += i >= args.warmup
         if i + 1 == args.warmup + args.steps:
             break
     return args.batch_size * n / (time.perf_counter() - t0)
 
 
-def peak_memory(fn) -> float | None:
+def peak_memory(args, fn) -> float | None:
+    """Peak memory of one step in MB: the CUDA allocator's peak on a GPU, the process heap's on the CPU."""
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+        fn()
+        return torch.cuda.max_memory_allocated(args.device) / 2 ** 20
     try:
         from attention import HeapPeak
 
@@ -160,6 +193,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="the peer's masking workers (default 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both sides under bf16 autocast (the loss check stays fp32)")
+    for key in ("dim", "encoder-depth", "decoder-depth", "heads"):
+        parser.add_argument(f"--{key}", type=int, help="override the config's objective." + key.replace("-", "_"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench-out" / "fourm_step.json"))
     add_quiet_options(parser)
@@ -173,6 +211,11 @@ def main(argv=None) -> int:
     dataset = ReferenceMasking(samples_of(ours, batches), peer)
     premasked = [collate([dataset[i] for i in range(j, j + args.batch_size)])
                  for j in range(0, len(dataset), args.batch_size)]
+    from polymodal.pretrain.engine import to_device
+
+    device = torch.device(args.device)
+    batches = [to_device(batch, device) for batch in batches]
+    premasked = [{name: tuple(part.to(device) for part in parts) for name, parts in b.items()} for b in premasked]
     check = loss_check(ours, batches[0])
     print(f"[check] first loss ours {check['ours']:.6f} peer {check['peer']:.6f} (match: {check['match']})")
     optimizers = {"ours": optimizer_for(ours), "peer": optimizer_for(peer), "peer_premasked": optimizer_for(peer)}
@@ -187,17 +230,26 @@ def main(argv=None) -> int:
             runs[side].append(record)
             print(f"[round {r}] {side}: {rate:.1f} samples/s (other load {record['other_load']})", flush=True)
     medians = {side: statistics.median(r["samples_per_s"] for r in records) for side, records in runs.items()}
-    memory = {"ours": peak_memory(lambda: step(ours, optimizers["ours"], lambda: ours(batches[0])["loss"])),
-              "peer": peak_memory(lambda: step(peer, optimizers["peer"],
-                                               lambda: reference_loss(peer, *as_tokens(peer, premasked[0]))))}
+    memory = {"ours": peak_memory(args, lambda: step(ours, optimizers["ours"], lambda: ours(batches[0])["loss"],
+                                                     args)),
+              "peer": peak_memory(args, lambda: step(peer, optimizers["peer"],
+                                                     lambda: reference_loss(peer, *as_tokens(peer, premasked[0])),
+                                                     args))}
+    from polymodal.pretrain.flops import device_peak_flops, training_flops_per_sample
+
+    flops = training_flops_per_sample(ours, batches[0], samples=args.batch_size)
+    peak_flops = device_peak_flops(device, args.precision)
+    mfu = {side: flops * rate / peak_flops for side, rate in medians.items()} if peak_flops else None
     report = {"benchmark": "benchmarks/fourm_step.py", "settings": vars(args),
               "parameters": sum(p.numel() for p in ours.parameters()), "machine": machine_info("torch"),
               "check": check, "samples_per_s": medians, "ratio": medians["ours"] / medians["peer"],
               "ratio_vs_premasked_peer": medians["ours"] / medians["peer_premasked"], "peak_memory_mb": memory,
-              "runs": runs}
+              "flops_per_sample": flops, "peak_flops": peak_flops, "mfu": mfu, "runs": runs}
     print(f"\nsamples/s: ours {medians['ours']:.1f}, peer {medians['peer']:.1f} (masked beforehand "
           f"{medians['peer_premasked']:.1f}); ours/peer {report['ratio']:.2f}x, ours/premasked "
-          f"{report['ratio_vs_premasked_peer']:.2f}x; peak MB {memory}")
+          f"{report['ratio_vs_premasked_peer']:.2f}x; peak MB {memory}; training FLOPs per sample "
+          f"{flops / 1e6:.1f} M" + (f"; MFU ours {100 * mfu['ours']:.2f}%, peer {100 * mfu['peer']:.2f}% of "
+                                    f"{peak_flops / 1e12:.0f} TFLOP/s" if mfu else ""))
     return finish(args.out, report, t_start)
 
 

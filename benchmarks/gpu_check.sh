@@ -2,7 +2,7 @@
 # The GPU check: on a bare machine with one CUDA GPU (an H100 or H200) whose Python has torch, timm, transformers and
 # accelerate but none of our other dependencies, and no package index, install the rest from wheels/ (made by
 # benchmarks/gpu_wheels.sh and carried along with the repository), then run every test marked `gpu` and the GPU
-# paths of five benchmarks, each under its own time limit and all within --budget seconds (default 460: the
+# paths of the step, evaluation, attention, tokenizer and 4M benchmarks, each under its own time limit and all within --budget seconds (default 460: the
 # whole script ends within 8 minutes). OUT_DIR gets three files (the device machine returns at most 8):
 # gpu_check_summary.json (each part's command, exit code, seconds and headline figures), gpu_check.log (every
 # part's output) and gpu_check_parts.tar.gz (each benchmark's whole JSON).
@@ -17,7 +17,7 @@
 #                      repository where it holds them, else wheels/data, where gpu_wheels.sh puts a copy)
 #   --budget SECONDS   all the parts together, setup included (default: 460); a part gets at most what is left
 #   --only "P ..."     run only these parts (setup always runs): pytest_gpu engine_overhead spark_step eval_speed
-#                      attention clip_step tokenize_speed multimae_step fourm_generate
+#                      attention clip_step tokenize_speed multimae_step fourm_step fourm_generate
 #   --python PY        the interpreter with torch (default: $PYTHON, else python3)
 #
 # It stops at once, with one line and a non-zero exit, before installing anything, when that Python cannot import
@@ -32,7 +32,7 @@ WHEELS=wheels
 DATA_ROOT=
 BUDGET=460
 DRY=0
-ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step tokenize_speed multimae_step fourm_generate"
+ONLY="pytest_gpu engine_overhead spark_step eval_speed attention clip_step tokenize_speed multimae_step fourm_step fourm_generate"
 OUT_DIR=${OUT:-gpu-check-out}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -94,6 +94,8 @@ while IFS=$'\t' read -r kind req _file; do
 done <<< "$wheel_list"
 # The commands below are strings for `bash -c` (and for printing): every path and requirement in them is quoted.
 q() { printf '%q' "$1"; }
+case "$WHEELS" in /*) kit=$WHEELS ;; *) kit=$REPO/$WHEELS ;; esac
+FOURM_KIT=$(q "$kit/data/4m-step-kit.tar.gz")   # gpu_wheels.sh packs it from data-out/4m-cifar
 QPY=$(q "$PY"); QDATA=$(q "$DATA_ROOT"); QREPO=$(q "$REPO"); PEER_WDS=$(q "$PEER_WDS"); WORKQ=$(q "$WORK")
 PIP="$QPY -m pip install -q --no-index --find-links $(q "$WHEELS") --no-deps --no-cache-dir --disable-pip-version-check"
 SETUP=(
@@ -114,6 +116,7 @@ PARTS=(
   "clip_step|200|clip_step.json|$QPY benchmarks/clip_step.py --data emoji --workers 4 --steps 8 --warmup 4 --rounds 1 --retries 0 --max-wait 0 --peer-webdataset $PEER_WDS --work-dir $WORKQ/clip-step --out OUTDIR/clip_step.json"
   "tokenize_speed|60|tokenize_speed.json|$QPY benchmarks/tokenize_speed.py --device cuda --encode-only --out OUTDIR/tokenize_speed.json"
   "multimae_step|120|multimae_step.json|$QPY benchmarks/multimae_step.py --device cuda --precision bf16 --image-size 224 --patch-size 16 --dim 768 --depth 12 --heads 12 --decoder-dim 256 --decoder-depth 2 --decoder-heads 8 --num-visible 98 --batch-size 64 --steps 20 --warmup 3 --rounds 2 --max-wait 0 --data-root $QDATA --shards-dir $WORKQ/cifar10-train2048 --out OUTDIR/multimae_step.json"
+  "fourm_step|90|fourm_step.json|[ -f $FOURM_KIT ] || { echo 'no 4M token kit at '$FOURM_KIT': run benchmarks/gpu_wheels.sh where recipes/4m.sh cifar data-out/4m-cifar has run'; exit 3; }; rm -rf $WORKQ/4m-kit && mkdir -p $WORKQ/4m-kit && tar xzf $FOURM_KIT -C $WORKQ/4m-kit && $QPY benchmarks/fourm_step.py --device cuda --precision bf16 --dim 768 --encoder-depth 12 --decoder-depth 12 --heads 12 --batch-size 256 --steps 20 --warmup 3 --rounds 2 --workers 4 --threads 8 --max-wait 0 --shards $WORKQ/4m-kit/train --join $WORKQ/4m-kit/tokens/train/image/tok_rgb $WORKQ/4m-kit/tokens/train/image/tok_caption $WORKQ/4m-kit/tokens/train/edges/tok_edges $WORKQ/4m-kit/tokens/train/palette/tok_palette $WORKQ/4m-kit/tokens/train/metadata/tok_metadata --out OUTDIR/fourm_step.json"
   "fourm_generate|90|fourm_generate.json|$QPY benchmarks/fourm_generate.py --device cuda --precision bf16 --dim 768 --encoder-depth 12 --decoder-depth 12 --heads 12 --batch-size 16 --rounds 2 --max-wait 0 --out OUTDIR/fourm_generate.json"
 )
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$WORK/torch_extensions

@@ -148,6 +148,10 @@ def _headline(name: str, report: dict) -> dict:
                 "ratio_per_round": report.get("ratio_per_round"), "mfu": report.get("mfu"),
                 "peak_mb": {side: entry.get("peak_mb") for side, entry in (report.get("peak_memory") or {}).items()},
                 "first_loss_match": report.get("loss_check", {}).get("match")}
+    if name == "fourm_step":
+        return {"samples_per_s": report.get("samples_per_s"), "ratio": report.get("ratio"),
+                "ratio_vs_premasked_peer": report.get("ratio_vs_premasked_peer"), "mfu": report.get("mfu"),
+                "peak_mb": report.get("peak_memory_mb"), "first_loss_match": report.get("check", {}).get("match")}
     if name == "fourm_generate":
         return {"caption": report.get("caption"), "image_tokens_per_s": {
             schedule: entry.get("image_tokens_per_s") for schedule, entry in (report.get("images") or {}).items()}}

@@ -10,7 +10,8 @@
 #
 # Options: --python X.Y (repeatable; default 3.11 and 3.12), --dir DIR (default wheels), --data-root DIR (the
 # folder holding cifar10/; default ../shared/data beside the repository), --build-python PY (the interpreter that
-# builds deepspeed's wheel: it needs torch, setuptools and wheel; default .venv/bin/python), --fresh.
+# builds deepspeed's wheel: it needs torch, setuptools and wheel; default .venv/bin/python), --fourm-data DIR (the
+# CIFAR 4M set recipes/4m.sh built, for the 4M token kit; default data-out/4m-cifar), --fresh.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,6 +19,7 @@ cd "$REPO"
 DIR=wheels
 PYTHONS=()
 DATA_ROOT="$REPO/../shared/data"
+FOURM_DATA="$REPO/data-out/4m-cifar"
 BUILD_PY="$REPO/.venv/bin/python"
 FRESH=0
 while [ $# -gt 0 ]; do
@@ -25,6 +27,7 @@ while [ $# -gt 0 ]; do
     --python) PYTHONS+=("$2"); shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
     --data-root) DATA_ROOT=$2; shift 2 ;;
+    --fourm-data) FOURM_DATA=$2; shift 2 ;;
     --build-python) BUILD_PY=$2; shift 2 ;;
     --fresh) FRESH=1; shift ;;
     -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -72,6 +75,16 @@ for f in test.tar.gz train.tar.gz README.md; do
   [ -f "$src" ] || { echo "FAIL: $src not found (pass --data-root: the folder holding cifar10/)" >&2; exit 2; }
   cmp -s "$src" "$DIR/data/cifar10/$f" 2>/dev/null || cp "$src" "$DIR/data/cifar10/$f"
 done
+
+# The 4M token kit (fourm_step on the GPU): 8 shards (8,000 samples) of the CIFAR 4M set and their token sets, as
+# recipes/4m.sh cifar builds them under --fourm-data (about 7.5 MB gzipped). Left out, with a note, when absent.
+if [ -d "$FOURM_DATA/tokens/train" ]; then
+  (cd "$FOURM_DATA" && tar czhf - train/cifar-{0..7}.tar tokens/train/*/tok_*/cifar-{0..7}.tar \
+      tokens/train/*/stats.json tokens/train/*/_job.json) > "$DIR/data/4m-step-kit.tar.gz"
+else
+  echo "note: no 4M token sets under $FOURM_DATA (recipes/4m.sh cifar $FOURM_DATA builds them): the GPU check's" \
+       "fourm_step part will say so and fail alone"
+fi
 
 # Check: each target version finds a wheel for every line.
 status=0
