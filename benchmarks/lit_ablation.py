@@ -174,6 +174,10 @@ VARIANTS = {  # name: (image size, head, options)
     # the mean of their (unnormalised) outputs, which is one head four times as wide.
     "recipe224-ensemble4": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7,
                                                 "steps": 600, "ensemble": 4}),
+    # The head also sees where things are: the head features pooled over a 2x2 grid of the 7x7 map (from the cached
+    # maps through the frozen last stage), after the recipe's input.
+    "recipe224-grid2": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7, "steps": 600,
+                                            "grid": 2}),
     "last-layer-1e-5": (224, "linear", {"text_lr": 1e-5}),
     "last-layer-3e-5": (224, "linear", {"text_lr": 3e-5}),
     "last-layer-1e-4": (224, "linear", {"text_lr": 1e-4}),
@@ -225,6 +229,20 @@ class Head(nn.Module):
             nn.init.eye_(self.text.weight)
         self.last_layer = last_layer
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / opts.get("temp", 0.07))))
+
+
+@torch.no_grad()
+def grid_features(net: nn.Module, maps: torch.Tensor, grid: int) -> torch.Tensor:
+    """The frozen tower's head features (from the cached inputs to its last stage), mean-pooled over a grid x grid
+    layout of the map instead of the whole of it."""
+    import copy
+    stage = copy.deepcopy(LastStage(net)).eval()
+    out = []
+    for chunk in maps.split(500):
+        x = stage.block(chunk.float())
+        x = stage.act(stage.norm(stage.conv_head(x)))
+        out.append(F.adaptive_avg_pool2d(x, grid).flatten(1))
+    return torch.cat(out)
 
 
 def caption_variants(meta: dict) -> list[str]:
@@ -280,6 +298,8 @@ def train(args) -> None:
             held = set(val_emoji.tolist())
             train_idx = torch.tensor([i for i in range(len(tr["ids"])) if i not in held])
             x_all = torch.cat([tr["multi"], tr["image"]], 1) if kind == "multistage" else tr["image"]
+            if "grid" in opts:
+                x_all = torch.cat([x_all, grid_features(image_net, load(f"train-{size}-maps.pt")["maps"], opts["grid"])], 1)
             x_aug = None
             if opts.get("augmented"):
                 aug = load("train-224-aug.pt")
@@ -388,6 +408,9 @@ def train(args) -> None:
                     prompts = embed_text(d["hidden"][:, :used], d["mask"][:, :used])
                     classes = F.normalize(prompts.view(d["classes"], d["templates"], -1).mean(1), dim=-1)
                     x = torch.cat([d["multi"], d["image"]], 1) if kind == "multistage" else d["image"]
+                    if "grid" in opts:
+                        x = torch.cat([x, grid_features(image_net, load(f"{val}-val-{size}-maps.pt")["maps"],
+                                                        opts["grid"])], 1)
                     val_maps = load(f"{val}-val-{size}-maps.pt")["maps"] if maps is not None else None
                     x = torch.cat([image_input(torch.arange(i, min(i + 500, len(x))), x, val_maps)
                                    for i in range(0, len(x), 500)])
