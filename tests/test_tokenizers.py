@@ -46,6 +46,13 @@ def test_encode_then_decode_is_the_models_own_reconstruction(quantizer, backbone
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode(ids + tok.vocab_size)
     assert tok.vocab_size == (1000 if quantizer == "fsq" else 1024)
+    # A distribution decodes through each token's expected code: one-hot rows give the ids' own decoding, and an
+    # even mix of two grids gives the decoder of the mean of their codes.
+    one_hot = torch.nn.functional.one_hot(ids, tok.vocab_size).float()
+    torch.testing.assert_close(tok.decode_distribution(one_hot), tok.decode(ids), atol=1e-5, rtol=1e-5)
+    other = ids.roll(1, dims=0)
+    mixed = tok.decode_distribution((one_hot + torch.nn.functional.one_hot(other, tok.vocab_size).float()) / 2)
+    assert not torch.allclose(mixed, tok.decode(ids), atol=1e-3) and mixed.abs().max() <= 1
 
 
 def test_a_vit_tokenizer_learns_to_reconstruct_real_images(cifar_images):

@@ -111,15 +111,35 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse)
 
 
+def expected_images01(objective, generator, source: str, condition: torch.Tensor, image: str) -> torch.Tensor:
+    """One pass predicting every `image` token from the `source` tokens, decoded through each token's expected code
+    (ImageTokenizer.decode_distribution): pixels in [0, 1], [B, 3, H, W]."""
+    from polymodal.models.fourm import Tokens
+
+    spec = objective.specs[image]
+    ids, _ = given = generator._flat(source, condition)
+    b, n = len(ids), spec.grid[0] * spec.grid[1]
+    positions = torch.arange(n, device=ids.device).expand(b, -1)
+    nothing = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
+    logits = objective.model({**generator.inputs({source: given}),
+                              image: Tokens(torch.zeros_like(positions), positions, nothing)},
+                             {image: Tokens(None, positions, ~nothing)})[image]
+    probs = logits.float().softmax(-1).view(b, *spec.grid, -1)
+    model, _ = decoder_of(objective, image)
+    x = (model.decode_distribution(probs).float() + 1) / 2
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 @torch.no_grad()
 def image_from(objective, batches, source: str, image: str, mean_image: torch.Tensor, schedule: str,
                seed: int) -> dict:
-    """PSNR of images generated from held-out `source` tokens (greedy MaskGIT/ROAR), of the mean training image and
-    of the tokenizer's decoding of the real image tokens, all against the real images."""
+    """PSNR of images generated from held-out `source` tokens (greedy MaskGIT/ROAR), of one pass decoded through
+    each token's expected code (what squared error rewards), of the mean training image and of the tokenizer's
+    decoding of the real image tokens, all against the real images."""
     from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
 
     generator = FourMGenerator(objective, Sampling(temperature=0), Schedule.parse(schedule), seed)
-    sums = {"generated": 0.0, "mean_image": 0.0, "tokenizer_reconstruction": 0.0}
+    sums = {"generated": 0.0, "expected_code": 0.0, "mean_image": 0.0, "tokenizer_reconstruction": 0.0}
     seen = 0
     for batch in batches:
         real = batch["rgb"].float() / 255
@@ -127,6 +147,8 @@ def image_from(objective, batches, source: str, image: str, mean_image: torch.Te
         real = F.interpolate(real, size=generated.shape[-2:], mode="bilinear", antialias=True,
                              align_corners=False) if real.shape[-2:] != generated.shape[-2:] else real
         sums["generated"] += float(psnr(generated, real).sum())
+        sums["expected_code"] += float(psnr(expected_images01(objective, generator, source, batch[source], image),
+                                            real).sum())
         sums["mean_image"] += float(psnr(mean_image.expand_as(real), real).sum())
         sums["tokenizer_reconstruction"] += float(psnr(decode_images01(objective, image, batch[image]), real).sum())
         seen += len(real)

@@ -171,6 +171,22 @@ class ImageTokenizer(Tokenizer, nn.Module):
         out = self.decoder(codes.reshape(b, h, w, -1).permute(0, 3, 1, 2))
         return out.argmax(1) if self.classes else out.clamp(-1, 1)
 
+    @torch.no_grad()
+    def decode_distribution(self, probs: torch.Tensor) -> torch.Tensor:
+        """Per-token distributions over the codes [B, h, w, vocab] -> images in [-1, 1]: the decoder applied to each
+        token's expected code. Where a model is unsure, this averages the codes it weighs instead of committing to
+        one, so it is the decode to score by squared error (PSNR); `decode` of sampled or argmax ids is the one to
+        look at."""
+        if self.classes:
+            raise ValueError("a categorical map's tokenizer decodes ids, not distributions")
+        every = torch.arange(self.vocab_size, device=probs.device)[None]
+        if self.settings["quantizer"] == "fsq":
+            table = self.quantizer.indices_to_codes(every)[0]
+        else:
+            table = self.quantizer.get_output_from_indices(every)[0]
+        codes = probs.to(table.dtype) @ table  # [B, h, w, d]
+        return self.decoder(codes.permute(0, 3, 1, 2)).clamp(-1, 1)
+
     def reconstruction_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.classes:
             return F.cross_entropy(recon.float(), target.long())
