@@ -152,7 +152,9 @@ def test_kill9_of_a_rank_then_resume_is_exact(cifar_test_shards, reference_2rank
     os.kill(max(workers), signal.SIGKILL)  # one rank dies; torchrun then stops the other
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert latest(tmp_path) == "step_00000004"
+    # Checkpoints every 4 steps: the kill lands after step 6, and on a busy machine the ranks may pass step 8
+    # before it does; either way the run stopped short and resumes from its last whole checkpoint.
+    assert latest(tmp_path) in ("step_00000004", "step_00000008")
     pretrain(cifar_test_shards, tmp_path, "steps=12", "zero_stage=2", "resume=latest", ranks=2)
     assert losses(tmp_path) == losses(reference_2ranks)
 
