@@ -235,8 +235,7 @@ class Head(nn.Module):
 def grid_features(net: nn.Module, maps: torch.Tensor, grid: int) -> torch.Tensor:
     """The frozen tower's head features (from the cached inputs to its last stage), mean-pooled over a grid x grid
     layout of the map instead of the whole of it."""
-    import copy
-    stage = copy.deepcopy(LastStage(net)).eval()
+    stage = LastStage(net).eval()  # a copy already
     out = []
     for chunk in maps.split(500):
         x = stage.block(chunk.float())

@@ -267,7 +267,7 @@ def image_condition(batches):
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_kv_cached_decoding_equals_rerunning_the_decoder_token_for_token(trained, batches, cfg):
     generator = FourMGenerator(trained, Sampling(temperature=0, cfg=cfg))
-    given = {k: generator._flat(k, v) for k, v in image_condition(batches).items()}
+    given = {k: generator.condition(k, v) for k, v in image_condition(batches).items()}
     cached = generator.generate_sequence(given, "tok_caption", 6, cache=True)
     rerun = generator.generate_sequence(given, "tok_caption", 6, cache=False)
     assert torch.equal(cached[0], rerun[0]) and torch.equal(cached[1], rerun[1])
@@ -277,7 +277,7 @@ def test_the_kv_cache_gives_the_full_decoders_logits_along_a_real_caption(traine
     from polymodal.models.fourm import Tokens
 
     model, generator = trained.model, FourMGenerator(trained)
-    given = {k: generator._flat(k, v) for k, v in image_condition(batches).items()}
+    given = {k: generator.condition(k, v) for k, v in image_condition(batches).items()}
     captions = batches[4]["tok_caption"][:6, :8]
     positions = torch.arange(captions.shape[1]).expand(6, -1)
     with torch.no_grad():

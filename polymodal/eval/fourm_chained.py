@@ -117,7 +117,7 @@ def expected_images01(objective, generator, source: str, condition: torch.Tensor
     from polymodal.models.fourm import Tokens
 
     spec = objective.specs[image]
-    ids, _ = given = generator._flat(source, condition)
+    ids, _ = given = generator.condition(source, condition)
     b, n = len(ids), spec.grid[0] * spec.grid[1]
     positions = torch.arange(n, device=ids.device).expand(b, -1)
     nothing = torch.zeros(b, n, dtype=torch.bool, device=ids.device)

@@ -150,7 +150,7 @@ class FourMGenerator:
         full length (the same number of model calls on every rank, for generation inside a ZeRO-3 run)."""
         self.check_names(conditions, targets)
         self.model.eval()
-        given = {name: self._flat(name, value) for name, value in conditions.items()}
+        given = {name: self.condition(name, value) for name, value in conditions.items()}
         batch = next(iter(given.values()))[0].shape[0] if given else batch_size
         out = {}
         for name in targets:
@@ -165,7 +165,8 @@ class FourMGenerator:
             given[name] = (ids, lengths)
         return out
 
-    def _flat(self, name: str, value) -> tuple[torch.Tensor, torch.Tensor]:
+    def condition(self, name: str, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """A condition as the encoder takes it: (ids [B, N], lengths [B]), sequences cut to the model's length."""
         spec = self.objective.specs[name]
         if spec.is_sequence:
             ids, lengths = value if isinstance(value, tuple) else (value, torch.full((len(value),), value.shape[1]))

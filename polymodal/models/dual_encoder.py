@@ -150,32 +150,28 @@ class ImageTower(nn.Module):
                               "tower is locked")
         return min(first - 2, len(self.net._blocks))
 
-    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _blocks_between(self, x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks start..stop-1 on x; with pool='stages', the pooled output of each stage ending among them."""
+        blocks, ends, taps = self.net._blocks, set(self._stage_ends()), []
         rate = self.net._global_params.drop_connect_rate  # scaled by depth, as extract_features does
-        return self.net._blocks[i](x, drop_connect_rate=rate * i / len(self.net._blocks) if rate else rate)
+        for i in range(start, stop):
+            x = blocks[i](x, drop_connect_rate=rate * i / len(blocks) if rate else rate)
+            if self.pool == "stages" and i in ends:
+                taps.append(x.mean(dim=(2, 3)))
+        return x, taps
 
     def locked_part(self, images: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The maps entering block `split`, and (pool='stages') the pooled outputs of the stages ending before it
         (an empty tensor otherwise)."""
-        net, ends = self.net, set(self._stage_ends())
-        x = net._swish(net._bn0(net._conv_stem(images)))
-        taps = []
-        for i in range(split):
-            x = self._block(i, x)
-            if self.pool == "stages" and i in ends:
-                taps.append(x.mean(dim=(2, 3)))
+        net = self.net
+        x, taps = self._blocks_between(net._swish(net._bn0(net._conv_stem(images))), 0, split)
         return x, torch.cat(taps, dim=1) if taps else x.new_zeros(len(x), 0)
 
     def unlocked_part(self, maps: torch.Tensor, pooled: torch.Tensor, split: int) -> torch.Tensor:
         """The tower's features from `locked_part`'s output: blocks `split`.. and the head."""
-        net, ends = self.net, set(self._stage_ends())
-        x, taps = maps, [pooled]
-        for i in range(split, len(net._blocks)):
-            x = self._block(i, x)
-            if self.pool == "stages" and i in ends:
-                taps.append(x.mean(dim=(2, 3)))
-        taps.append(net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3)))
-        return torch.cat(taps, dim=1)
+        net = self.net
+        x, taps = self._blocks_between(maps, split, len(net._blocks))
+        return torch.cat([pooled, *taps, net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))], dim=1)
 
 
 class TextTower(nn.Module):
