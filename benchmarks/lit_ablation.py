@@ -18,7 +18,8 @@ a learned text projection, the initial temperature, weight decay, twice the step
 three learning rates; then (224 px) pooled features of every stage concatenated ("multistage"), a wider head with
 dropout, emoji pairs drawn 7x as often as the others ("emoji7"), and all of these together ("recipe224"); then the
 recipe with the image tower's last stage trained on cached inputs to it (`features --sizes 224 --stage-maps` first),
-with more captions per emoji pair from its own metadata, and as an ensemble of four heads.
+with more captions per emoji pair from its own metadata, as an ensemble of four heads, with batches of 1,024, with
+the emoji pairs drawn 15x as often, and with SigLIP's sigmoid loss.
 """
 
 from __future__ import annotations
@@ -178,6 +179,14 @@ VARIANTS = {  # name: (image size, head, options)
     # maps through the frozen last stage), after the recipe's input.
     "recipe224-grid2": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7, "steps": 600,
                                             "grid": 2}),
+    # Larger batches (more emoji negatives in each: hard negatives for the retrieval task), emoji drawn more often,
+    # and SigLIP's pairwise sigmoid loss in place of InfoNCE; the rest as recipe224.
+    "recipe224-batch1024": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7,
+                                                "steps": 600, "batch": 1024}),
+    "recipe224-emoji15": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 15,
+                                              "steps": 600}),
+    "recipe224-siglip": (224, "multistage", {"width": 2048, "dropout": (0.2, 0.3), "emoji_weight": 7,
+                                             "steps": 600, "siglip": True}),
     "last-layer-1e-5": (224, "linear", {"text_lr": 1e-5}),
     "last-layer-3e-5": (224, "linear", {"text_lr": 3e-5}),
     "last-layer-1e-4": (224, "linear", {"text_lr": 1e-4}),
@@ -228,7 +237,9 @@ class Head(nn.Module):
         if self.text is not None:
             nn.init.eye_(self.text.weight)
         self.last_layer = last_layer
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / opts.get("temp", 0.07))))
+        # SigLIP's initialisation: temperature 10, bias -10 (few positives per row).
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0 if opts.get("siglip") else 1 / opts.get("temp", 0.07))))
+        self.bias = nn.Parameter(torch.tensor(-10.0)) if opts.get("siglip") else None
 
 
 @torch.no_grad()
@@ -363,8 +374,9 @@ def train(args) -> None:
             if head.last_stage is not None:
                 head.last_stage.train()  # batch statistics in its norms, as the engine trains unlocked groups
             for _ in range(steps):
-                draw = (torch.multinomial(weight, 256, replacement=True) if "emoji_weight" in opts
-                        else torch.randint(len(train_idx), (256,)))
+                size_b = opts.get("batch", 256)
+                draw = (torch.multinomial(weight, size_b, replacement=True) if "emoji_weight" in opts
+                        else torch.randint(len(train_idx), (size_b,)))
                 b = torch.unique(train_idx[draw])  # no sample twice in a batch
                 mask = tr["mask"][b]
                 used = int(mask.any(0).nonzero().max()) + 1
@@ -382,9 +394,13 @@ def train(args) -> None:
                 i = F.normalize(head.image(x), dim=-1)
                 logits = head.log_scale.clamp(max=math.log(100)).exp() * i @ t.T
                 logits = logits if logits.dim() == 3 else logits[None]  # [members, B, B]
-                y = torch.arange(len(b)).repeat(len(logits))
-                loss = (F.cross_entropy(logits.flatten(0, 1), y)
-                        + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), y)) / 2
+                if head.bias is not None:  # SigLIP: each pair a binary decision, summed over a row, mean over rows
+                    sign = 2 * torch.eye(len(b)) - 1
+                    loss = -F.logsigmoid(sign * (logits + head.bias)).sum(-1).mean()
+                else:
+                    y = torch.arange(len(b)).repeat(len(logits))
+                    loss = (F.cross_entropy(logits.flatten(0, 1), y)
+                            + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), y)) / 2
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
