@@ -238,7 +238,8 @@ class Head(nn.Module):
             nn.init.eye_(self.text.weight)
         self.last_layer = last_layer
         # SigLIP's initialisation: temperature 10, bias -10 (few positives per row).
-        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0 if opts.get("siglip") else 1 / opts.get("temp", 0.07))))
+        temperature = 10.0 if opts.get("siglip") else 1 / opts.get("temp", 0.07)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(temperature)))
         self.bias = nn.Parameter(torch.tensor(-10.0)) if opts.get("siglip") else None
 
 
