@@ -48,7 +48,12 @@ def sampler(objective, schedule: str, seed: int, cfg: float = 1.0):
 def decode_images01(objective, name: str, ids: torch.Tensor) -> torch.Tensor:
     """Image tokens [B, h, w] -> pixels in [0, 1], [B, C, H, W] (three channels for a grey tokenizer's output)."""
     model, _ = decoder_of(objective, name)
-    x = (model.decode(ids).float().clamp(-1, 1) + 1) / 2
+    return _pixels01(model.decode(ids))
+
+
+def _pixels01(x: torch.Tensor) -> torch.Tensor:
+    """A tokenizer's decoded images in [-1, 1] -> [0, 1], three channels (a grey tokenizer's output repeated)."""
+    x = (x.float().clamp(-1, 1) + 1) / 2
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
@@ -126,8 +131,7 @@ def expected_images01(objective, generator, source: str, condition: torch.Tensor
                              {image: Tokens(None, positions, ~nothing)})[image]
     probs = logits.float().softmax(-1).view(b, *spec.grid, -1)
     model, _ = decoder_of(objective, image)
-    x = (model.decode_distribution(probs).float() + 1) / 2
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return _pixels01(model.decode_distribution(probs))
 
 
 @torch.no_grad()

@@ -163,13 +163,14 @@ class ImageTokenizer(Tokenizer, nn.Module):
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise ValueError(f"token ids outside the vocabulary of {self.vocab_size}")
         b, h, w = ids.shape
-        flat = ids.reshape(b, h * w)
-        if self.settings["quantizer"] == "fsq":
-            codes = self.quantizer.indices_to_codes(flat)
-        else:
-            codes = self.quantizer.get_output_from_indices(flat)
-        out = self.decoder(codes.reshape(b, h, w, -1).permute(0, 3, 1, 2))
+        out = self.decoder(self._codes(ids.reshape(b, h * w)).reshape(b, h, w, -1).permute(0, 3, 1, 2))
         return out.argmax(1) if self.classes else out.clamp(-1, 1)
+
+    def _codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, N] -> their quantizer codes [B, N, d]."""
+        if self.settings["quantizer"] == "fsq":
+            return self.quantizer.indices_to_codes(ids)
+        return self.quantizer.get_output_from_indices(ids)
 
     @torch.no_grad()
     def decode_distribution(self, probs: torch.Tensor) -> torch.Tensor:
@@ -179,11 +180,7 @@ class ImageTokenizer(Tokenizer, nn.Module):
         look at."""
         if self.classes:
             raise ValueError("a categorical map's tokenizer decodes ids, not distributions")
-        every = torch.arange(self.vocab_size, device=probs.device)[None]
-        if self.settings["quantizer"] == "fsq":
-            table = self.quantizer.indices_to_codes(every)[0]
-        else:
-            table = self.quantizer.get_output_from_indices(every)[0]
+        table = self._codes(torch.arange(self.vocab_size, device=probs.device)[None])[0]  # [vocab, d]
         codes = probs.to(table.dtype) @ table  # [B, h, w, d]
         return self.decoder(codes.permute(0, 3, 1, 2)).clamp(-1, 1)
 
