@@ -81,7 +81,7 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "sdpa-math", "sdpa-flash", "nested", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa-math", "sdpa-flash", "matmul", "nested", "flex"])
 @pytest.mark.parametrize("case", [("padded", c) for c in PADDED] + [("packed", c) for c in PACKED],
                          ids=lambda c: "-".join(c))
 def test_backend_matches_the_float64_reference(backend, case):
@@ -101,6 +101,21 @@ def test_backend_matches_the_float64_reference(backend, case):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [("padded", c) for c in PADDED] + [("packed", c) for c in PACKED],
+                         ids=lambda c: "-".join(c))
+def test_matmul_backend_in_bf16_matches_the_float64_reference_and_stays_finite(case):
+    """What `auto` runs for short bf16 sequences on CPU: bf16 products, float32 softmax. A packed sequence with no
+    tokens (LENGTHS_*[2]) must not turn any gradient into NaN."""
+    layout, name = case
+    tensors, kw = padded_case(name) if layout == "padded" else packed_case(name)
+    want, want_grads = run("math", tensors, torch.float64, **kw)
+    got, got_grads = run("matmul", tensors, torch.bfloat16, **kw)
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=6e-2, rtol=5e-2)
 
 
 def test_float64_runs_on_sdpa_and_the_reference_alike():
@@ -203,6 +218,23 @@ def test_auto_chooses_by_the_documented_rule_and_logs_once(caplog):
     assert any("sdpa for packed full float32" in m for m in lines), lines  # on CPU (measured faster than nested)
     assert any("sdpa for packed causal float32" in m for m in lines), lines
     assert len([m for m in lines if "sdpa for packed full float32" in m]) == 1
+
+
+def test_auto_runs_short_bf16_sequences_on_cpu_as_two_products_and_long_ones_through_sdpa(caplog):
+    from polymodal.models import attention as module
+
+    module._log_choice.cache_clear()
+    (q, k, v), kw = packed_case("self")
+    with caplog.at_level(logging.INFO, logger="polymodal"):
+        attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw)
+        attention(q.float(), k.float(), v.float(), **kw)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention: backend")]
+    assert any("matmul for packed full bfloat16" in m for m in lines), lines
+    assert any("sdpa for packed full float32" in m for m in lines), lines  # fp32: torch's flash kernel is faster
+    assert module.choose_backend(torch.device("cpu"), torch.bfloat16, False, False, False,
+                                 module.MATMUL_MAX_KEYS) == "matmul"
+    assert module.choose_backend(torch.device("cpu"), torch.bfloat16, False, False, False,
+                                 module.MATMUL_MAX_KEYS + 1) == "sdpa"
 
 
 GPU_BACKENDS = ["sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "nested", "flex", "xformers", "flash",
