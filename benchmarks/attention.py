@@ -3,7 +3,7 @@ with a dense padded mask and against SDPA on the same padded input, in one run.
 
 Methods (on CPU each (case, method) runs in a fresh process, so peak memory is its own):
 - `ours-auto`: `polymodal.models.attention.attention` on packed tokens, backend "auto" (the choice is recorded);
-  `ours-<backend>`: the same forced to each packed backend that trains on this device (nested, sdpa, flash,
+  `ours-<backend>`: the same forced to each packed backend that trains on this device (sdpa, matmul, nested, flash,
   varlen, xformers, flex on CUDA);
 - `sdpa-block-diagonal`: the whole pack as one sequence with a [T, T] block-diagonal mask through SDPA (the
   alternative to nested tensors for packed input on SDPA);
@@ -80,7 +80,7 @@ def prepare(method: str, lengths: list[int], args):
 
     if method.startswith("ours-"):
         backend = method.removeprefix("ours-")
-        chosen = choose_backend(device, dtype, True, False, False) if backend == "auto" else backend
+        chosen = choose_backend(device, dtype, True, False, False, max(lengths)) if backend == "auto" else backend
 
         def step():
             attention(*packed, cu_seqlens_q=cu, max_seqlen_q=packing.max_seqlen, backend=backend).backward(grad_out)
@@ -191,7 +191,7 @@ def methods_for(args) -> list[str]:
 
     usable = usable_backends(args.device)
     trains = lambda b: usable[b].startswith("yes") and "forward only" not in usable[b]  # noqa: E731
-    ours = ["ours-auto"] + [f"ours-{b}" for b in ("sdpa", "nested", "flash", "varlen", "xformers", "flex")
+    ours = ["ours-auto"] + [f"ours-{b}" for b in ("sdpa", "matmul", "nested", "flash", "varlen", "xformers", "flex")
                             if trains(b)]
     return ours + list(PEERS)
 

@@ -293,11 +293,7 @@ def _math(req: _Request, backend: str) -> torch.Tensor:
             same &= req.packed_q.positions()[:, None] >= req.packed_k.positions()[None, :]
         mask = same[None, None]
     else:
-        mask = req.mask
-        if req.causal:
-            lower = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-            mask = lower if mask is None else (mask & lower if mask.dtype == torch.bool
-                                               else mask.masked_fill(~lower, float("-inf")))
+        mask = _and_causal(req.mask, q, k) if req.causal else req.mask
     scores = (q @ k.transpose(-1, -2)) * req.scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
@@ -311,16 +307,9 @@ def _matmul(req: _Request, backend: str) -> torch.Tensor:
     """Two matrix products in the input dtype, the softmax in float32 (bf16 scores keep 3 significant digits);
     packed input is padded per sequence as for `sdpa`. Written out rather than SDPA's math kernel, which computes
     everything in float32 on CPU and so loses the bf16 products' speed (measured 2x slower than this)."""
-    q, k, v, mask, causal = req.q, req.k, req.v, req.mask, req.causal
-    if req.packed:
-        q, k, v = _pad(q, req.packed_q), _pad(k, req.packed_k), _pad(v, req.packed_k)
-        mask = None if _uniform(req.k, req.packed_k) else (
-            torch.arange(k.shape[2], device=k.device)[None] < req.packed_k.lengths[:, None])[:, None, None]
+    q, k, v, mask = _padded(req) if req.packed else (req.q, req.k, req.v, req.mask)
+    mask = _and_causal(mask, q, k) if req.causal else mask
     scores = (q @ k.transpose(-1, -2)).float() * req.scale
-    if causal:
-        lower = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        mask = lower if mask is None else (mask & lower if mask.dtype == torch.bool
-                                           else mask.float().masked_fill(~lower, float("-inf")))
     if mask is not None:
         # A finite floor, not -inf: the padded rows of a sequence with no keys stay finite (they are dropped, but a
         # NaN there would reach the keys' gradients through the backward of the product).
@@ -336,18 +325,10 @@ def _sdpa(req: _Request, backend: str) -> torch.Tensor:
     key-padding (and causal) mask, then unpadded."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v, mask, causal = req.q, req.k, req.v, req.mask, req.causal
-    if req.packed:
-        q, k, v = _pad(q, req.packed_q), _pad(k, req.packed_k), _pad(v, req.packed_k)
-        mask = None if _uniform(req.k, req.packed_k) else (
-            torch.arange(k.shape[2], device=k.device)[None] < req.packed_k.lengths[:, None])[:, None, None]
-        if causal and mask is not None:  # (equal lengths need no mask: SDPA's causal flag does it)
-            mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-            causal = False
-    elif causal and mask is not None:  # SDPA takes one or the other
-        lower = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        mask = mask & lower if mask.dtype == torch.bool else mask.masked_fill(~lower, float("-inf"))
-        causal = False
+    q, k, v, mask = _padded(req) if req.packed else (req.q, req.k, req.v, req.mask)
+    causal = req.causal
+    if causal and mask is not None:  # SDPA takes one or the other (equal packed lengths need no mask at all)
+        mask, causal = _and_causal(mask, q, k), False
     kernels = [getattr(SDPBackend, SDPA_KERNELS[backend])] if backend in SDPA_KERNELS else list(
         getattr(SDPBackend, name) for name in SDPA_KERNELS.values())
     try:
@@ -361,6 +342,23 @@ def _sdpa(req: _Request, backend: str) -> torch.Tensor:
                              f"({q.dtype}, {'masked' if mask is not None else 'unmasked'}): torch says "
                              f"{str(exc).splitlines()[0]}; use backend 'sdpa' to let torch choose") from None
     return _unpad(out, req.packed_q, _uniform(req.q, req.packed_q)) if req.packed else out
+
+
+def _and_causal(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`mask` (bool: True attends; float: added) combined with the causal mask, aligned top-left as SDPA's."""
+    lower = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is None:
+        return lower
+    return mask & lower if mask.dtype == torch.bool else mask.masked_fill(~lower, float("-inf"))
+
+
+def _padded(req: _Request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Packed q, k, v padded per sequence to `[n, H, max_len, D]`, with the key-padding mask (None when every
+    sequence is as long as the longest)."""
+    q, k, v = _pad(req.q, req.packed_q), _pad(req.k, req.packed_k), _pad(req.v, req.packed_k)
+    mask = None if _uniform(req.k, req.packed_k) else (
+        torch.arange(k.shape[2], device=k.device)[None] < req.packed_k.lengths[:, None])[:, None, None]
+    return q, k, v, mask
 
 
 def _uniform(x: torch.Tensor, packing: Packing) -> bool:
