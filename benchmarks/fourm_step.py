@@ -61,10 +61,10 @@ def build(args):
     return cfg, build_objective(cfg.objective).to(args.device).train()
 
 
-def autocast(args):
+def autocast(args, precision: str):
     import contextlib
 
-    if args.precision == "bf16":
+    if precision == "bf16":
         return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -126,13 +126,10 @@ def loss_check(objective, batch) -> dict:
             abs(ours)}
 
 
-def step(objective, optimizer, loss_fn, args=None):
+def step(objective, optimizer, loss_fn, args, precision: str):
     optimizer.zero_grad(set_to_none=True)
-    if args is None:
+    with autocast(args, precision):
         loss = loss_fn()
-    else:
-        with autocast(args):
-            loss = loss_fn()
     loss.backward()
     optimizer.step()
     return loss.item()  # waits for the device
@@ -140,11 +137,11 @@ def step(objective, optimizer, loss_fn, args=None):
 
 def run_ours(args, objective, optimizer, batches) -> float:
     for batch in batches[: args.warmup]:
-        step(objective, optimizer, lambda: objective(batch)["loss"], args)
+        step(objective, optimizer, lambda: objective(batch)["loss"], args, args.precision)
     sync(args)
     t0 = time.perf_counter()
     for batch in batches[args.warmup:]:
-        step(objective, optimizer, lambda: objective(batch)["loss"], args)
+        step(objective, optimizer, lambda: objective(batch)["loss"], args, args.precision)
     return args.batch_size * (len(batches) - args.warmup) / (time.perf_counter() - t0)
 
 
@@ -158,7 +155,8 @@ def run_peer(args, objective, optimizer, dataset, premasked: list | None = None)
         if i == args.warmup:
             sync(args)
             t0 = time.perf_counter()
-        step(objective, optimizer, lambda: reference_loss(objective, *as_tokens(objective, batch, args.device)), args)
+        step(objective, optimizer, lambda: reference_loss(objective, *as_tokens(objective, batch, args.device)), args,
+             args.peer_precision)
         n += i >= args.warmup
         if i + 1 == args.warmup + args.steps:
             break
@@ -196,12 +194,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: both sides under bf16 autocast (the loss check stays fp32)")
+    parser.add_argument("--peer-precision", choices=["fp32", "bf16"], default=None,
+                        help="the peer's precision when it differs from ours (default: --precision); fp32 is all "
+                             "ml-4m has on a CPU (its training loop autocasts with torch.cuda.amp)")
     for key in ("dim", "encoder-depth", "decoder-depth", "heads"):
         parser.add_argument(f"--{key}", type=int, help="override the config's objective." + key.replace("-", "_"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench-out" / "fourm_step.json"))
     add_quiet_options(parser)
     args = parser.parse_args(argv)
+    args.peer_precision = args.peer_precision or args.precision
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     cfg, ours = build(args)
@@ -231,10 +233,10 @@ def main(argv=None) -> int:
             print(f"[round {r}] {side}: {rate:.1f} samples/s (other load {record['other_load']})", flush=True)
     medians = {side: statistics.median(r["samples_per_s"] for r in records) for side, records in runs.items()}
     memory = {"ours": peak_memory(args, lambda: step(ours, optimizers["ours"], lambda: ours(batches[0])["loss"],
-                                                     args)),
+                                                     args, args.precision)),
               "peer": peak_memory(args, lambda: step(peer, optimizers["peer"],
                                                      lambda: reference_loss(peer, *as_tokens(peer, premasked[0])),
-                                                     args))}
+                                                     args, args.peer_precision))}
     from polymodal.pretrain.flops import device_peak_flops, training_flops_per_sample
 
     flops = training_flops_per_sample(ours, batches[0], samples=args.batch_size)

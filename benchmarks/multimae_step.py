@@ -32,7 +32,9 @@ Both sides derive edges and grey with the same functions inside the timed step, 
 objective's `losses`: normalised-pixel MSE for rgb, L1 on standardised maps for the others, masked tokens only),
 start from the same weights (the peer loads our state dict), and are trained with the same optimizer
 (torch.optim.AdamW, lr 1.5e-3, betas 0.9/0.95, weight decay 0.05 on matrices only, as configs/multimae-cifar.yaml;
-no clipping, no schedule), at the same --precision (fp32; bf16 autocast on CUDA), with the same torch threads, on
+no clipping, no schedule), at the same --precision (fp32; bf16: autocast, on CUDA or on a CPU with bf16
+instructions; --peer-precision gives the peer another one, e.g. fp32, all the original has on a CPU: its training
+loop autocasts with torch.cuda.amp), with the same torch threads, on
 the same batches of real data. Both draw a fixed count of visible tokens per sample (--num-visible), so both do
 the same work. Data: CIFAR-10 training images read through our pipeline (polymodal.data.pipeline.ShardLoader,
 RandomResizedCrop scale 0.6-1 to --image-size, flip), from shards written once into --shards-dir with `python -m
@@ -300,8 +302,8 @@ def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model, 0.05, 1.5e-3), lr=1.5e-3, betas=(0.9, 0.95))
 
 
-def autocast(args, device: torch.device):
-    if args.precision == "bf16":
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -353,12 +355,12 @@ def loss_check(args, ours, peer, batch, device, tolerance: float) -> dict:
             "grad_rel_diff": grad_diff / max(grad_scale, 1e-12)}
 
 
-def run_side(args, model, optimizer, batches, device) -> dict:
+def run_side(args, model, optimizer, batches, device, precision: str) -> dict:
     torch.manual_seed(args.seed)  # each run's masks are reproducible; each side draws them its own way
 
     def step(_, batch):
         optimizer.zero_grad(set_to_none=True)
-        with autocast(args, device):
+        with autocast(precision, device):
             loss = model(batch)["loss"]
         loss.backward()
         optimizer.step()
@@ -367,11 +369,11 @@ def run_side(args, model, optimizer, batches, device) -> dict:
     return timed_training_steps(args, step, batches, device)
 
 
-def memory_step(args, model, optimizer, batch, device) -> dict:
+def memory_step(args, model, optimizer, batch, device, precision: str) -> dict:
     """One more training step: peak bytes above those in use before it (weights, optimizer state, batch)."""
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(args, device):
+        with autocast(precision, device):
             loss = model(batch)["loss"]
         loss.backward()
         optimizer.step()
@@ -430,10 +432,16 @@ def main(argv=None) -> int:
                              "the samples on the CPU (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: autocast around the forward (meant for CUDA) (default: %(default)s)")
+                        help="bf16: autocast around the forward (on CUDA; on a CPU with bf16 instructions too) "
+                             "(default: %(default)s)")
+    parser.add_argument("--peer-precision", choices=["fp32", "bf16"], default=None,
+                        help="the peer's precision when it differs from ours (default: --precision); fp32 is all "
+                             "the original has on a CPU (its autocast is torch.cuda.amp's)")
     add_step_benchmark_options(parser, REPO, "bench-out/multimae_step.json")
     add_quiet_options(parser)
     args = parser.parse_args(argv)
+    args.peer_precision = args.peer_precision or args.precision
+    precision = {"ours": args.precision, "peer": args.peer_precision}
     args.threads = args.threads or len(os.sched_getaffinity(0))
     args.modalities = list(dict.fromkeys(args.modalities))
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
@@ -454,7 +462,7 @@ def main(argv=None) -> int:
           f"decoders {args.decoder_dim} x {args.decoder_depth} ({args.decoder_heads} heads) "
           f"({params / 1e6:.1f} M parameters), {args.image_size} px ({grid}x{grid} patches per modality, "
           f"{args.num_visible} of {grid * grid * len(args.modalities)} visible), batch {args.batch_size}, "
-          f"{args.device} {args.precision}, {args.threads} threads, peer masking {args.peer_masking}; "
+          f"{args.device} {args.precision} (peer {args.peer_precision}), {args.threads} threads, peer masking {args.peer_masking}; "
           f"{args.rounds} round(s) of {args.warmup} + {args.steps} steps; {count} CIFAR-10 train batches from "
           f"{shard_dir}", flush=True)
 
@@ -469,13 +477,14 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {"ours": [], "peer": []}
     for rnd in range(args.rounds):
         for side in (("ours", "peer") if rnd % 2 == 0 else ("peer", "ours")):
-            rec = run_side(args, models[side], optimizers[side], batches, device)
+            rec = run_side(args, models[side], optimizers[side], batches, device, precision[side])
             runs[side].append(rec)
             load = f", other processes {100 * rec['other_load']:.0f}% of the CPUs" \
                 if rec["other_load"] is not None else ""
             print(f"[round {rnd + 1}] {side:4s} {rec['samples_per_s']:.1f} samples/s, {rec['ms_per_step']:.0f} ms "
                   f"per step (median of {args.steps}), first loss {rec['losses'][0]:.6f}{load}", flush=True)
-    memory = {side: memory_step(args, models[side], optimizers[side], batches[0], device) for side in models}
+    memory = {side: memory_step(args, models[side], optimizers[side], batches[0], device, precision[side])
+              for side in models}
 
     med = {s: statistics.median(r["samples_per_s"] for r in runs[s]) for s in runs}
     ms = {s: statistics.median(r["ms_per_step"] for r in runs[s]) for s in runs}
@@ -510,7 +519,7 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("modalities", "image_size", "patch_size", "dim", "depth",
                                                          "heads", "decoder_dim", "decoder_depth", "decoder_heads",
                                                          "num_visible", "alpha", "peer_masking", "batch_size",
-                                                         "steps", "warmup", "rounds", "threads", "precision",
+                                                         "steps", "warmup", "rounds", "threads", "precision", "peer_precision",
                                                          "seed", "device", "limit", "max_wait", "max_other_load")},
               "shards": str(shard_dir), "parameters": params,
               "machine": machine_info("torch", "kornia", device=device),
