@@ -3,7 +3,10 @@
 
   ours  raw token batches (image tokens and WordPiece captions) go to the objective, which masks them on the device
         inside the step (vectorised: the mixture of Dirichlets, exact budgets, span masking) and runs encoder and
-        decoder packed: no sample padded to a fixed count; attention through our attention function.
+        decoder in its layout: no sample padded to a fixed count; with `packed` unset, packed on CUDA (varlen
+        kernels) and on CPU each sample padded to the batch's longest with dense masks (on CPU packed sequences
+        are padded anyway, one per (sample, modality), which is slower); attention through our attention
+        function.
   peer  masking per sample in Python inside DataLoader workers (--workers; ml-4m's UnifiedMasking), every sample at
         fixed shapes, the encoder and decoder padded to --input-tokens / --target-tokens, every attention written by
         hand with dense boolean masks (4M's decoder mask).

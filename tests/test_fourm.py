@@ -112,9 +112,10 @@ def test_image_inputs_and_targets_are_disjoint_and_drawn_exactly(tokenized_emoji
     assert not (inputs["tok_rgb"].keep & targets["tok_rgb"].keep).any()
 
 
-def test_absent_modalities_give_no_tokens(tokenized_emoji, batches):
+@pytest.mark.parametrize("packed", [True, False])
+def test_absent_modalities_give_no_tokens(tokenized_emoji, batches, packed):
     root, _ = tokenized_emoji
-    objective = fourm(root)
+    objective = fourm(root, packed=packed)
     batch = dict(batches[1])
     present = torch.arange(16) % 2 == 0
     batch["tok_caption_present"] = present
@@ -210,6 +211,26 @@ def test_packed_and_padded_give_equal_losses_and_gradients(tokenized_emoji, batc
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_unset_packed_runs_padded_on_cpu_and_an_explicit_choice_is_kept(tokenized_emoji, batches, monkeypatch):
+    """On CPU no varlen kernel exists (packed sequences are padded one per (sample, modality)), so the default
+    layout there is one padded sequence per sample; on CUDA it is packed."""
+    from polymodal.models.fourm import FourM
+
+    root, _ = tokenized_emoji
+    layouts, real = [], FourM.forward
+
+    def recording(self, inputs, targets, packed=True):
+        layouts.append(packed)
+        return real(self, inputs, targets, packed)
+
+    monkeypatch.setattr(FourM, "forward", recording)
+    for packed in (None, True, False):
+        objective = fourm(root, packed=packed)
+        assert objective.packed is (False if packed is None else packed)
+        objective(batches[0])
+    assert layouts == [False, True, False]
 
 
 def test_the_loss_falls_on_real_tokens_for_both_modalities(tokenized_emoji, batches):

@@ -44,7 +44,7 @@ def target_labels(objective, batch) -> dict[str, tuple[torch.Tensor, torch.Tenso
     inputs, targets, labels = objective.draw_masks(objective.read_batch(batch))
     inputs = {n: t for n, t in inputs.items() if objective.modality_configs[n].input}
     targets = {n: t for n, t in targets.items() if objective.modality_configs[n].target}
-    logits = objective.model(inputs, targets, objective.config.packed)
+    logits = objective.model(inputs, targets, objective.packed)
     return {n: (logits[n], labels[n][targets[n].keep]) for n in logits}
 
 
