@@ -19,6 +19,8 @@
 #   STEPS      4M training steps (default 3000: about 15-20 minutes on a 2-core CPU)
 #   POLYMODAL  environment variable: the polymodal command (default: polymodal); PYTHON: its interpreter
 #   DATA_ROOT  environment variable: the shared datasets (default: ../shared/data beside this checkout)
+#   PRETRAIN_ARGS  environment variable: more key=value overrides for the 4M run, e.g. precision=bf16 (on a CPU
+#              with bf16 instructions: `polymodal info` says whether it pays)
 # Every step is skipped when its output exists, so an interrupted recipe picks up where it stopped.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -136,8 +138,9 @@ for m in caption "${text_derived[@]}"; do
   overrides+=("objective.modalities.tok_$m.tokenizer=$out/wordpiece" "objective.modalities.tok_$m.vocab_size=$vocab")
 done
 run=$out/4m
+read -ra extra <<< "${PRETRAIN_ARGS:-}"
 [ -f "$run/model.safetensors" ] || { step "4m pretrain, $steps steps"; $pm pretrain "$config" "run_dir=$run" \
-    "steps=$steps" log.progress=false "${overrides[@]}"; }
+    "steps=$steps" log.progress=false "${overrides[@]}" "${extra[@]}"; }
 
 # Held out: the test images with their own tokens (2,000 of them for the token figures).
 # shellcheck disable=SC2046
