@@ -462,7 +462,8 @@ def main(argv=None) -> int:
           f"decoders {args.decoder_dim} x {args.decoder_depth} ({args.decoder_heads} heads) "
           f"({params / 1e6:.1f} M parameters), {args.image_size} px ({grid}x{grid} patches per modality, "
           f"{args.num_visible} of {grid * grid * len(args.modalities)} visible), batch {args.batch_size}, "
-          f"{args.device} {args.precision} (peer {args.peer_precision}), {args.threads} threads, peer masking {args.peer_masking}; "
+          f"{args.device} {args.precision} (peer {args.peer_precision}), {args.threads} threads, peer masking "
+          f"{args.peer_masking}; "
           f"{args.rounds} round(s) of {args.warmup} + {args.steps} steps; {count} CIFAR-10 train batches from "
           f"{shard_dir}", flush=True)
 
@@ -519,8 +520,9 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("modalities", "image_size", "patch_size", "dim", "depth",
                                                          "heads", "decoder_dim", "decoder_depth", "decoder_heads",
                                                          "num_visible", "alpha", "peer_masking", "batch_size",
-                                                         "steps", "warmup", "rounds", "threads", "precision", "peer_precision",
-                                                         "seed", "device", "limit", "max_wait", "max_other_load")},
+                                                         "steps", "warmup", "rounds", "threads", "precision",
+                                                         "peer_precision", "seed", "device", "limit", "max_wait",
+                                                         "max_other_load")},
               "shards": str(shard_dir), "parameters": params,
               "machine": machine_info("torch", "kornia", device=device),
               "runs": runs, "samples_per_s": med, "ms_per_step": ms, "ratio": ratio, "ratio_per_round": per_round,

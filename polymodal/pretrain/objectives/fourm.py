@@ -14,9 +14,9 @@ span_masking, from the engine's seeded generator, so resume is exact; nothing in
 
 The model (polymodal.models.fourm) encodes the inputs and decodes the targets; no sample is padded to a fixed
 token count: packed (variable-length sequences on the varlen kernels) on CUDA, padded to the batch's longest sample
-with dense masks on CPU (see `packed`). Loss: cross-entropy per target modality, image tokens predicted in parallel and sequences
-next-token; averaged per modality (4M's default, `loss_type: modality`) or over all target tokens (`token`). Each
-modality's loss and accuracy are logged as `loss_<name>` and `acc_<name>`.
+with dense masks on CPU (see `packed`). Loss: cross-entropy per target modality, image tokens predicted in parallel
+and sequences next-token; averaged per modality (4M's default, `loss_type: modality`) or over all target tokens
+(`token`). Each modality's loss and accuracy are logged as `loss_<name>` and `acc_<name>`.
 """
 
 from __future__ import annotations
