@@ -182,4 +182,7 @@ def test_held_out_figures_with_chain_and_psnr_run_end_to_end(fmnist, tmp_path):
     assert chained["chained"]["tok_fgmask_class_consistency"] == chained["direct"]["tok_fgmask_class_consistency"]
     psnr = result["image_from"]["psnr_db"]
     assert result["image_from"]["images"] == 100 and all(5 < v < 60 for v in psnr.values())
+    for estimate, gain in result["image_from"]["above_mean_image_db"].items():  # paired, per image
+        assert gain["mean"] == pytest.approx(psnr[estimate] - psnr["mean_image"], abs=1e-6)
+        assert gain["ci95"][0] < gain["mean"] < gain["ci95"][1] and 0 <= gain["share_above"] <= 1
     assert 0 <= result["caption_to_image"]["class_consistency"]["maskgit:4"] <= 1

@@ -7,8 +7,8 @@
   as matched within one pixel). For the direct path the image is compared with the segmentation and edges of the
   chained draw from the same caption, which it never saw: what agreement the class alone brings.
 - edges -> image: images generated from the held-out images' edge tokens, PSNR against the real images, beside
-  the mean training image (a baseline without learning) and the image tokenizer's own reconstruction (the
-  ceiling).
+  the mean training image (a baseline without learning, with each estimate's paired per-image gain over it) and
+  the image tokenizer's own reconstruction (the ceiling).
 
 Used by `python -m polymodal.eval.fourm_heldout ... --chain tok_fgmask tok_edges --psnr-from tok_edges`.
 """
@@ -139,22 +139,38 @@ def image_from(objective, batches, source: str, image: str, mean_image: torch.Te
                seed: int) -> dict:
     """PSNR of images generated from held-out `source` tokens (greedy MaskGIT/ROAR), of one pass decoded through
     each token's expected code (what squared error rewards), of the mean training image and of the tokenizer's
-    decoding of the real image tokens, all against the real images."""
+    decoding of the real image tokens, all against the real images; and, per image, how far each estimate is
+    above the mean image (a paired comparison: the mean image is a strong baseline under squared error)."""
     from polymodal.generate.fourm_generate import FourMGenerator, Sampling, Schedule
 
     generator = FourMGenerator(objective, Sampling(temperature=0), Schedule.parse(schedule), seed)
-    sums = {"generated": 0.0, "expected_code": 0.0, "mean_image": 0.0, "tokenizer_reconstruction": 0.0}
-    seen = 0
+    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("generated", "expected_code", "mean_image",
+                                                                "tokenizer_reconstruction")}
     for batch in batches:
         real = batch["rgb"].float() / 255
         generated = decode_images01(objective, image, generator.generate({source: batch[source]}, [image])[image])
         real = F.interpolate(real, size=generated.shape[-2:], mode="bilinear", antialias=True,
                              align_corners=False) if real.shape[-2:] != generated.shape[-2:] else real
-        sums["generated"] += float(psnr(generated, real).sum())
-        sums["expected_code"] += float(psnr(expected_images01(objective, generator, source, batch[source], image),
-                                            real).sum())
-        sums["mean_image"] += float(psnr(mean_image.expand_as(real), real).sum())
-        sums["tokenizer_reconstruction"] += float(psnr(decode_images01(objective, image, batch[image]), real).sum())
-        seen += len(real)
+        per_image["generated"].append(psnr(generated, real))
+        per_image["expected_code"].append(psnr(expected_images01(objective, generator, source, batch[source], image),
+                                               real))
+        per_image["mean_image"].append(psnr(mean_image.expand_as(real), real))
+        per_image["tokenizer_reconstruction"].append(psnr(decode_images01(objective, image, batch[image]), real))
+    values = {k: torch.cat(v).double() if v else torch.zeros(0, dtype=torch.float64) for k, v in per_image.items()}
+    seen = len(values["mean_image"])
     return {"from": source, "schedule": schedule, "sampling": "greedy", "images": seen,
-            "psnr_db": {k: v / max(seen, 1) for k, v in sums.items()}}
+            "psnr_db": {k: float(v.sum()) / max(seen, 1) for k, v in values.items()},
+            "above_mean_image_db": {k: paired_gain(values[k] - values["mean_image"])
+                                    for k in ("generated", "expected_code")}}
+
+
+def paired_gain(differences: torch.Tensor) -> dict:
+    """Mean of per-image differences with its 95% t-interval, and the share of images above zero."""
+    from scipy import stats
+
+    if len(differences) < 2:
+        return {"mean": float(differences.mean()) if len(differences) else float("nan"), "ci95": None,
+                "share_above": float((differences > 0).double().mean()) if len(differences) else float("nan")}
+    interval = stats.ttest_1samp(differences.numpy(), 0.0).confidence_interval(0.95)
+    return {"mean": float(differences.mean()), "ci95": [float(interval.low), float(interval.high)],
+            "share_above": float((differences > 0).double().mean())}
