@@ -165,12 +165,11 @@ def image_from(objective, batches, source: str, image: str, mean_image: torch.Te
 
 
 def paired_gain(differences: torch.Tensor) -> dict:
-    """Mean of per-image differences with its 95% t-interval, and the share of images above zero."""
+    """Mean of per-image differences with its 95% t-interval (none under two images), and the share above zero."""
     from scipy import stats
 
-    if len(differences) < 2:
-        return {"mean": float(differences.mean()) if len(differences) else float("nan"), "ci95": None,
-                "share_above": float((differences > 0).double().mean()) if len(differences) else float("nan")}
-    interval = stats.ttest_1samp(differences.numpy(), 0.0).confidence_interval(0.95)
-    return {"mean": float(differences.mean()), "ci95": [float(interval.low), float(interval.high)],
-            "share_above": float((differences > 0).double().mean())}
+    ci95 = None
+    if len(differences) > 1:
+        interval = stats.ttest_1samp(differences.numpy(), 0.0).confidence_interval(0.95)
+        ci95 = [float(interval.low), float(interval.high)]
+    return {"mean": float(differences.mean()), "ci95": ci95, "share_above": float((differences > 0).double().mean())}
